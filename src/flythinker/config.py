@@ -1,0 +1,239 @@
+"""Typed configuration: the model's `FlyThinkerConfig` and the YAML/flag machinery every CLI verb uses.
+
+Each verb's options are one (possibly nested) dataclass. `add_dataclass_args` turns it into argparse flags
+(`--train.lr 1e-4`), `build_config` layers defaults < YAML file < flags, and unknown YAML keys are an error
+that names the key, so a typo in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Scope = Literal["global", "input", "output"]
+WidthMode = Literal["project", "pad"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class FlyThinkerConfig:
+    """How the Reasoner's latent states are fused into the Generator (paper Eq. 6, Appendix G)."""
+
+    lam: float = 0.5
+    """λ, the strength of the latent reasoning signal (paper default 0.5)."""
+    scope: Scope = "global"
+    """Where r is added: all positions ("global", the paper's), prompt only ("input"), response only ("output")."""
+    rescale: bool = True
+    """Rescale each r_{i-1} to the mean L2 norm of the Generator's embedding rows before adding (official code)."""
+    width_mode: WidthMode = "project"
+    """When d_R != d_G: "project" = learned linear map initialised to the zero-padded add; "pad" = fixed zero-pad."""
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("global", "input", "output"):
+            raise ConfigError(f"scope must be one of global, input, output; got {self.scope!r}")
+        if self.width_mode not in ("project", "pad"):
+            raise ConfigError(f"width_mode must be 'project' or 'pad'; got {self.width_mode!r}")
+        if self.lam < 0:
+            raise ConfigError(f"lam must be >= 0; got {self.lam}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlyThinkerConfig":
+        return from_dict(cls, d, where="flythinker config")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataclass <-> dict / YAML / argparse
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _resolved_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/flag value to the annotated type, or raise a ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args or tp is Any:
+            return None
+        raise ConfigError(f"{where}: null is not allowed")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        last: Exception | None = None
+        for a in inner:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_t = args[0] if args else Any
+        out = [_coerce(v, item_t, where) for v in value]
+        return tuple(out) if origin is tuple else out
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return value
+    return value
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a (nested) dict; unknown keys raise a ConfigError naming them."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    known = {f.name: tp for f, tp in _resolved_fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    kwargs = {k: _coerce(v, known[k], f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one `--a.b` flag per (nested) dataclass field; defaults stay unset so YAML values can win."""
+    for f, tp in _resolved_fields(cls):
+        name = f"{prefix}{f.name}"
+        if _is_dataclass_type(tp):
+            add_dataclass_args(parser, tp, prefix=f"{name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        doc = _field_doc(cls, f.name)
+        parser.add_argument(
+            f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+            help=f"{doc} (default: {default!r})" if doc else f"(default: {default!r})",
+        )
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """Attribute docstrings (the string literal after a field), read from source for --help."""
+    import ast
+    import inspect
+
+    cache = _DOC_CACHE.setdefault(cls, {})
+    if not cache:
+        try:
+            tree = ast.parse(inspect.getsource(cls))
+        except (OSError, TypeError, SyntaxError):
+            return ""
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(getattr(b, "value", None), ast.Constant) and isinstance(b.value.value, str):
+                cache[a.target.id] = " ".join(b.value.value.split())
+        cache.setdefault("__parsed__", "")
+    return cache.get(name, "")
+
+
+_DOC_CACHE: dict[type, dict[str, str]] = {}
+
+
+def _set_nested(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def build_config(cls: type, args: argparse.Namespace, config_path: str | None = None) -> Any:
+    """defaults < YAML (`config_path`) < flags. Flags are the dotted names `add_dataclass_args` created."""
+    data: dict[str, Any] = load_yaml(config_path) if config_path else {}
+    field_names = _flag_names(cls)
+    for name, value in vars(args).items():
+        if name in field_names:
+            _set_nested(data, name, value)
+    return from_dict(cls, data, where=str(config_path) if config_path else "flags")
+
+
+def _flag_names(cls: type, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for f, tp in _resolved_fields(cls):
+        if _is_dataclass_type(tp):
+            out |= _flag_names(tp, f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, indent=2, sort_keys=True)
+
+
+__all__ = [
+    "ConfigError", "FlyThinkerConfig", "Scope", "WidthMode", "add_dataclass_args", "build_config", "from_dict",
+    "load_yaml", "to_dict", "dump_json", "field",
+]

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models and tokenizer (no network), deterministic seeds, one torch thread."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _determinism():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def pytest_configure(config):
+    # Tests run many tiny models; one intra-op thread avoids oversubscription with the CI's 2 cores.
+    torch.set_num_threads(int(os.environ.get("FLYTHINKER_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from flythinker.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def gen_reasoner():
+    """A Llama Generator (width 32) and a Llama Reasoner (width 32), both random, different seeds."""
+    from flythinker.tiny import tiny_lm
+
+    return tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
