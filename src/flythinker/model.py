@@ -236,6 +236,15 @@ class FlyThinker(nn.Module):
         return FlyThinkerOutput(loss=loss, logits=logits, loss_sum=loss_sum, n_tokens=n_tokens,
                                 reasoner_states=states)
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """KV-cached Reasoner||Generator decoding (Algorithm 2); see `flythinker.generation.generate`.
+
+        Returns a LongTensor (B, N) of new tokens only, rows padded with pad_token_id after their EOS."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ------------------------------------------------------------------------------------------------------------
     # persistence
 
