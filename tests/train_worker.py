@@ -1,0 +1,31 @@
+"""Run by tests/test_train.py under `accelerate launch` (2 CPU processes): trains tiny models a few steps and writes
+the losses and a parameter checksum per rank to OUT_DIR."""
+
+import json
+import sys
+
+import torch
+
+from flythinker.tiny import tiny_lm
+from flythinker.train import ModelArgs, TrainArgs, build_model, fit
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_train import make_features  # noqa: E402
+
+
+def main(out_dir: str, batch_size: int) -> None:
+    torch.set_num_threads(1)
+    model = build_model(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1), ModelArgs())
+    args = TrainArgs(out_dir=out_dir, max_steps=3, batch_size=batch_size, grad_accum=2, lr_generator=1e-2,
+                     lr_reasoner=1e-2, progress=False, save_final=False)
+    res = fit(model, make_features(8), args, pad_token_id=0)
+    from accelerate import PartialState
+
+    rank = PartialState().process_index
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    with open(f"{out_dir}/rank{rank}.json", "w") as fh:
+        json.dump({"losses": res.losses, "checksum": checksum}, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
