@@ -1,0 +1,229 @@
+"""`flythinker study`: the paper's comparison on real held-out users, from one config to one results folder.
+
+Owns the study configuration and its flow: for each split (user, temporal) run every method (Non-personalized,
+RAG, SFT, FlyThinker) through `experiment.run_method` with the same prompts, decoding and seed and an equal training
+budget for SFT and FlyThinker; score them (`report.run_evaluation`: metric table, paired bootstrap CIs of
+FlyThinker - SFT, position-sensitive plot and table); record training s/step and decode ms/token as ratios to SFT;
+then the reduced-budget ablations (λ sweep, Reasoner depth) scored by metrics and by teacher-forced dev NLL.
+Everything lands in `out/` with a summary.json and summary.md; every stage is cached/resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import add_dataclass_args, build_config, to_dict
+from .data import DataConfig
+from .predict import DecodeOptions
+from .train import ModelArgs, TrainArgs
+from .utils import UserError
+
+ALL_METHODS = ("nonpersonalized", "rag", "sft", "flythinker")
+DISPLAY = {"nonpersonalized": "Non-personalized", "rag": "RAG", "sft": "SFT", "flythinker": "FlyThinker"}
+
+
+@dataclass
+class AblationConfig:
+    """Reduced-budget ablations on one split (paper Figures 5-6)."""
+
+    split: str = "user"
+    lams: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5, 1.0, 2.0, 5.0])
+    """λ values (Figure 6); empty disables."""
+    reasoner_layers: list[int] = field(default_factory=lambda: [4, 8])
+    """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); empty disables."""
+    train_examples: int = 120
+    eval_examples: int = 24
+    max_new_tokens: int = 128
+
+
+@dataclass
+class StudyConfig:
+    """`flythinker study` configuration (see configs/commits_study.yaml)."""
+
+    data_root: str = "../shared/data/commits"
+    """Folder with <split>/train.jsonl[.gz] and <split>/dev.jsonl."""
+    out: str = "results/commits"
+    splits: list[str] = field(default_factory=lambda: ["user", "temporal"])
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    train_examples: int = 400
+    """Training examples per split (first N of a seeded shuffle of train)."""
+    eval_examples: int = 100
+    """Dev examples per split (first N of a seeded shuffle of dev)."""
+    seed: int = 0
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data_cfg: DataConfig = field(default_factory=DataConfig)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    bertscore: bool = True
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        if bad:
+            raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}")
+
+
+def _split_files(root: Path, split: str) -> tuple[Path, Path]:
+    def find(part: str) -> Path:
+        for name in (f"{split}/{part}.jsonl", f"{split}/{part}.jsonl.gz"):
+            if (root / name).is_file():
+                return root / name
+        raise UserError(f"{root}/{split}: no {part}.jsonl[.gz]")
+
+    return find("train"), find("dev")
+
+
+def _sample(examples, n: int, seed: int):
+    import random
+
+    rows = list(examples)
+    random.Random(seed).shuffle(rows)
+    return rows[:n] if n > 0 else rows
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
+    from .data import load_examples
+    from .experiment import MethodSpec, efficiency_table, run_method
+    from .report import EvalConfig, run_evaluation
+    from .utils import set_threads
+
+    set_threads(cfg.train.threads or None)
+    root, out = Path(cfg.data_root), Path(cfg.out)
+    if not root.is_dir():
+        raise UserError(f"data_root {root} is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
+    tok = _tokenizer(cfg.model)
+    summary: dict = {"splits": {}, "ablations": {}, "config": to_dict(cfg)}
+    t_start = time.perf_counter()
+
+    for split in cfg.splits:
+        train_file, dev_file = _split_files(root, split)
+        train = _sample(load_examples(train_file), cfg.train_examples, cfg.seed)
+        dev = _sample(load_examples(dev_file), cfg.eval_examples, cfg.seed)
+        log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
+        results = []
+        for kind in cfg.methods:
+            spec = MethodSpec(DISPLAY[kind], kind)  # type: ignore[arg-type]
+            results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
+                                      cfg.decode, out / split, progress=cfg.train.progress, log=log))
+        base = "SFT" if "sft" in cfg.methods else DISPLAY[cfg.methods[0]]
+        rep = run_evaluation([r.predictions for r in results], out / split / "eval",
+                             EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
+        summary["splits"][split] = {"train_examples": len(train), "eval_examples": len(dev),
+                                    "metrics": rep.methods, "comparisons": rep.comparisons,
+                                    "segments": rep.segments, "efficiency": efficiency_table(results),
+                                    "files": rep.files}
+        _write(out, summary, metrics)
+
+    ab = cfg.ablation
+    if ab.lams or ab.reasoner_layers:
+        summary["ablations"] = run_ablations(cfg, metrics, tok, log)
+        _write(out, summary, metrics)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    _write(out, summary, metrics)
+    log(f"study written to {out}/summary.md ({summary['seconds']:.0f} s)")
+    return summary
+
+
+def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
+    """λ sweep and Reasoner-depth sweep on a reduced budget; each point: metrics on a few dev examples plus the
+    teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on small samples)."""
+    from .data import encode_example, load_examples
+    from .experiment import MethodSpec, run_method
+    from .model import FlyThinker
+    from .report import EvalConfig, run_evaluation
+    from .train import validate
+
+    ab = cfg.ablation
+    train_file, dev_file = _split_files(Path(cfg.data_root), ab.split)
+    train = _sample(load_examples(train_file), ab.train_examples, cfg.seed)
+    dev = _sample(load_examples(dev_file), ab.eval_examples, cfg.seed)
+    decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
+    out = Path(cfg.out) / "ablations"
+    points = [("lam", lam, MethodSpec(f"lam={lam:g}", "flythinker", lam=lam)) for lam in ab.lams]
+    points += [("reasoner_layers", k, MethodSpec(f"layers={k}", "flythinker", reasoner=str(k)))
+               for k in ab.reasoner_layers]
+    points.append(("sft", None, MethodSpec("SFT", "sft")))
+    rows = []
+    for axis, value, spec in points:
+        log(f"== ablation {spec.name}")
+        res = run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
+                         decode, out, progress=cfg.train.progress, log=log)
+        # dev NLL of the trained model (reload final/ so the number is the saved model's)
+        model = FlyThinker.from_pretrained(out / res.predictions.parent.name / "train" / "final", load_tokenizer=False)
+        feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
+        nll = validate(model, feats, tok.pad_token_id)
+        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nll, "predictions": str(res.predictions),
+                     "train_s_per_step": res.train_s_per_step, "decode_ms_per_token": res.decode_ms_per_token})
+    rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
+                         EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
+    for r in rows:
+        r["metrics"] = rep.methods.get(r["name"], {}).get("metrics", {})
+    return {"split": ab.split, "train_examples": len(train), "eval_examples": len(dev), "rows": rows,
+            "comparisons": rep.comparisons}
+
+
+def _tokenizer(model: ModelArgs):
+    from .defaults import load_models
+
+    _, _, tok = load_models(model.generator, "none")
+    return tok
+
+
+def _write(out: Path, summary: dict, metrics) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(render_summary(summary, metrics))
+
+
+def render_summary(summary: dict, metrics) -> str:
+    def f(v, d=4):
+        return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, (int, float)) else str(v))
+
+    lines = ["# Study summary", ""]
+    for split, s in summary.get("splits", {}).items():
+        lines += [f"## {split} split ({s['train_examples']} train / {s['eval_examples']} dev examples)", "",
+                  "| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, m in s["metrics"].items():
+            lines.append(f"| {name} | " + " | ".join(f(m["metrics"].get(k)) for k in metrics) + " |")
+        lines += ["", "Paired bootstrap 95% CI of each method minus the baseline:", "",
+                  "| comparison | metric | diff | 95% CI |", "|---|---|---|---|"]
+        comps = s.get("comparisons") or {}
+        for name, by_metric in (comps.get("vs_baseline") or {}).items():
+            for k, v in by_metric.items():
+                if isinstance(v, dict) and "diff" in v:
+                    lines.append(f"| {name} - {comps.get('baseline')} | {k} | {f(v['diff'])} | "
+                                 f"[{f(v.get('lo'))}, {f(v.get('hi'))}] |")
+        lines += ["", "| method | train s/step | x SFT | decode ms/token | x SFT |", "|---|---|---|---|---|"]
+        for r in s["efficiency"]:
+            lines.append(f"| {r['method']} | {f(r['train_s_per_step'], 2)} | {f(r.get('train_ratio_to_sft'), 2)} | "
+                         f"{f(r['decode_ms_per_token'], 1)} | {f(r.get('decode_ratio_to_sft'), 2)} |")
+        if s.get("files", {}).get("segments_png"):
+            lines += ["", f"Position-sensitive plot: {s['files']['segments_png']}"]
+        lines.append("")
+    ab = summary.get("ablations") or {}
+    if ab.get("rows"):
+        lines += [f"## Ablations ({ab['split']} split, {ab['train_examples']} train / {ab['eval_examples']} dev)", "",
+                  "| setting | dev NLL | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for r in ab["rows"]:
+            lines.append(f"| {r['name']} | {f(r['dev_nll'])} | " + " | ".join(f(r['metrics'].get(k)) for k in metrics)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="study YAML (e.g. configs/commits_study.yaml); flags override it")
+    add_dataclass_args(parser, StudyConfig)
+    parser.set_defaults(func=_cli_main)
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    run_study(build_config(StudyConfig, args, args.config))
+    return 0
