@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from .utils import UserError
 
     try:
+        _quiet_libraries()
         rc = args.func(args)
     except (UserError, ConfigError) as e:
         print(f"flythinker: error: {e}", file=sys.stderr)
@@ -70,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
         print("flythinker: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _quiet_libraries() -> None:
+    """Per-shard "Loading weights" bars from transformers drown the CLI's own progress; keep warnings."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def print_json_line(obj) -> None:

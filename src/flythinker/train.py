@@ -292,9 +292,7 @@ def fit(model: FlyThinker, features: Sequence[dict[str, Any]], args: TrainArgs, 
     step, epoch, window = 0, 0, 0
     if args.resume:
         ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            accelerator.print(f"no checkpoint in {out_dir}; starting from scratch")
-        else:
+        if ckpt is not None:
             state = load_training_state(ckpt)
             _load_weights_into(model, ckpt, state)
             optimizer.load_state_dict(state["optimizer"])
