@@ -136,7 +136,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     """λ sweep and Reasoner-depth sweep on a reduced budget; each point: metrics on a few dev examples plus the
     teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on small samples)."""
     from .data import encode_example, load_examples
-    from .experiment import MethodSpec, run_method
+    from .experiment import MethodSpec, load_method_model, run_method
     from .model import FlyThinker
     from .report import EvalConfig, run_evaluation
     from .train import validate
@@ -154,13 +154,19 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     rows = []
     for axis, value, spec in points:
         log(f"== ablation {spec.name}")
+        # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained Generator
+        # before any learning (the gap training has to close first).
+        init_model, _ = load_method_model(spec, cfg.model)
+        init_feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
+        init_nll = validate(init_model, init_feats, tok.pad_token_id)
+        del init_model
         res = run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
                          decode, out, progress=cfg.train.progress, log=log)
         # dev NLL of the trained model (reload final/ so the number is the saved model's)
         model = FlyThinker.from_pretrained(out / res.predictions.parent.name / "train" / "final", load_tokenizer=False)
         feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
         nll = validate(model, feats, tok.pad_token_id)
-        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nll, "predictions": str(res.predictions),
+        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nll, "init_dev_nll": init_nll, "predictions": str(res.predictions),
                      "train_s_per_step": res.train_s_per_step, "decode_ms_per_token": res.decode_ms_per_token})
     rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
                          EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
@@ -210,9 +216,11 @@ def render_summary(summary: dict, metrics) -> str:
     ab = summary.get("ablations") or {}
     if ab.get("rows"):
         lines += [f"## Ablations ({ab['split']} split, {ab['train_examples']} train / {ab['eval_examples']} dev)", "",
-                  "| setting | dev NLL | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+                  "| setting | dev NLL before training | dev NLL after | " + " | ".join(metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
         for r in ab["rows"]:
-            lines.append(f"| {r['name']} | {f(r['dev_nll'])} | " + " | ".join(f(r['metrics'].get(k)) for k in metrics)
+            lines.append(f"| {r['name']} | {f(r.get('init_dev_nll'))} | {f(r['dev_nll'])} | "
+                         + " | ".join(f(r['metrics'].get(k)) for k in metrics)
                          + " |")
         lines.append("")
     return "\n".join(lines)
