@@ -53,6 +53,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (pos - first).clamp(min=0)
 
 
+def _hf_mask_args(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask, position_ids) to hand to an HF model. Without padding both are None: HF then takes its fused causal
+    attention path (an explicit all-ones mask costs ~5% in a CPU training step for no change in the result)."""
+    if bool(attention_mask.all()):
+        return None, None
+    return attention_mask, position_ids_from_mask(attention_mask)
+
+
 def _base_model(lm: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (avoids computing (B, T, V) logits for the Reasoner)."""
     get = getattr(lm, "get_decoder", None)
@@ -126,7 +134,7 @@ class FlyThinker(nn.Module):
         """
         assert self.reasoner is not None
         if attention_mask is not None and position_ids is None and past_key_values is None:
-            position_ids = position_ids_from_mask(attention_mask)
+            attention_mask, position_ids = _hf_mask_args(attention_mask)
         out = _base_model(self.reasoner)(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids, past_key_values=past_key_values,
                                          use_cache=use_cache)
@@ -219,15 +227,15 @@ class FlyThinker(nn.Module):
         if input_ids.shape != attention_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must have the same shape")
-        position_ids = position_ids_from_mask(attention_mask)
+        hf_mask, position_ids = _hf_mask_args(attention_mask)
         states = None
         if self.fusion_enabled:
             if response_mask is None and labels is not None:
                 response_mask = labels != IGNORE_INDEX
             embeds, states = self.fused_embeddings(input_ids, attention_mask, response_mask)
-            out = self.generator(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+            out = self.generator(inputs_embeds=embeds, attention_mask=hf_mask, position_ids=position_ids)
         else:
-            out = self.generator(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            out = self.generator(input_ids=input_ids, attention_mask=hf_mask, position_ids=position_ids)
         logits = out.logits                                                             # (B, T, V)
         loss = loss_sum = n_tokens = None
         if labels is not None:
