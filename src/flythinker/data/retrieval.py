@@ -63,8 +63,13 @@ def item_document(item: dict[str, Any], task: str) -> str:
 
 def bm25_scores(query: str, documents: list[str]) -> list[float]:
     """BM25 (bm25s, Lucene variant, English stop words) score of each document for `query`."""
+    import logging
+
     import bm25s  # lazily: optional dependency, and indexing is only needed when retrieval is bm25
 
+    # bm25s logs one DEBUG line per index build; once any library lowers the root level (absl does) that floods
+    # the CLI with a line per example.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     if not documents:
         return []
     corpus = bm25s.tokenize(documents, stopwords="en", return_ids=False, show_progress=False)
