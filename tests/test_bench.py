@@ -1,0 +1,56 @@
+"""`flythinker bench`: decode benchmark output shape (no timing assertions) and the lazy `bench train` dispatch."""
+
+import json
+import sys
+import types
+
+import torch
+
+from flythinker.__main__ import main
+
+
+def test_bench_decode_tiny_prints_table_then_json(capsys, monkeypatch):
+    monkeypatch.delitem(sys.modules, "flythinker.bench_train", raising=False)
+    threads = torch.get_num_threads()
+    rc = main(["bench", "decode", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "3",
+               "--batch", "1,2", "--runs", "1", "--threads", "2"])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # the benchmark restores the caller's thread count
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("per-device" in line for line in lines) and any("same-machine" in line for line in lines)
+    result = json.loads(lines[-1])
+    for key in ("sft_ms", "sequential_ms", "concurrent_ms", "ratio_concurrent_over_sft", "ratio_sequential_over_sft",
+                "ratio_best_over_sft_best", "flop_ratio", "sft_best_ms", "best_ms"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0, key
+    assert result["batch"] == 1 and result["threads"] == 2 and result["device"] == "cpu"
+    assert result["flop_ratio"] > 1 and result["auto_backend"] in ("sequential", "threads")
+    assert {r["batch"] for r in result["rows"]} == {1, 2} and set(result["by_batch"]) == {"1", "2"}
+    for row in result["rows"]:
+        assert row["method"] in ("sft", "sequential", "concurrent")
+        assert row["prefill_ms"] > 0 and row["decode_ms"] > 0 and row["tokens_per_s"] > 0
+    assert "flythinker.bench_train" not in sys.modules  # `bench decode` never imports the train benchmark
+
+
+def test_bench_decode_rejects_bad_flags(capsys):
+    assert main(["bench", "decode", "--model", "tiny", "--new-tokens", "1"]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_bench_train_is_dispatched_lazily(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("flythinker.bench_train")
+
+    def add_cli(parser):
+        parser.add_argument("--steps", type=int, default=1)
+        parser.set_defaults(func=lambda args: seen.setdefault("steps", args.steps) and 0)
+
+    fake.add_cli = add_cli
+    monkeypatch.setitem(sys.modules, "flythinker.bench_train", fake)
+    assert main(["bench", "train", "--steps", "3"]) == 0
+    assert seen == {"steps": 3}
+
+
+def test_bench_train_missing_module_is_a_user_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flythinker.bench_train", None)  # import now raises ModuleNotFoundError
+    assert main(["bench", "train"]) == 2
+    assert "bench train" in capsys.readouterr().err
