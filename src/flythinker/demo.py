@@ -30,8 +30,10 @@ class DemoConfig:
     the synthetic demo dataset."""
     out: str = "out/demo"
     """Output folder (predictions, metrics.json, report.md, segments.png, checkpoints)."""
-    train_examples: int = 120
-    """Training examples used (first N of user/train)."""
+    train_examples: int = 48
+    """Training examples used (first N of user/train). Sized for < 20 min on 2 cores: at ~700-token sequences
+    SFT costs ~6 s and FlyThinker ~7.5 s per example there; a first try with 120 examples of ~1000 tokens
+    measured ~10 s per SFT example, i.e. ~45 min in all."""
     eval_examples: int = 24
     """Held-out examples generated and scored (first N of user/dev)."""
     seed: int = 0
@@ -39,11 +41,11 @@ class DemoConfig:
     # from ~3.3 to ~11 (the fused vector is half an embedding in a direction the Generator never saw) and the demo's
     # budget ends before it recovers; at λ = 0.2 training starts at ~3.5 (docs/results.md, "Why FlyThinker loses").
     model: ModelArgs = field(default_factory=lambda: ModelArgs(lam=0.2))
-    data_cfg: DataConfig = field(default_factory=lambda: DataConfig(k=2, profile_tokens=512, query_tokens=128,
-                                                                     target_tokens=320))
+    data_cfg: DataConfig = field(default_factory=lambda: DataConfig(k=2, profile_tokens=384, query_tokens=128,
+                                                                     target_tokens=256))
     train: TrainArgs = field(default_factory=lambda: TrainArgs(lr_generator=1e-4, lr_reasoner=1e-4, batch_size=1,
                                                                grad_accum=4, epochs=1, warmup_ratio=0.1,
-                                                               keep_checkpoints=1, save_every=10))
+                                                               keep_checkpoints=1, save_every=4))
     decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(max_new_tokens=192, batch_size=8))
     bertscore: bool = True
     """Include BERTScore (needs the local MiniLM encoder)."""
