@@ -6,20 +6,26 @@ Algorithm-2 step (`_Session.parallel_step`), the streaming iterator (`stream`), 
 and the concurrency backends that overlap R's step with G's step ("sequential", "threads", "cuda_streams",
 "two_devices"). Fusion itself is `FlyThinker.fuse` / `fused_embeddings` / `fusion_mask`: no second implementation.
 
-Choosing a backend ("auto"), measured on a 2-core CPU (SmolLM2-135M Generator + its first 8 layers as Reasoner,
-512-token prompt, batch 1; `flythinker bench decode` reproduces the trade-off):
-  Generator alone: 53.6 ms/token on 1 core, 33.8 on 2.  FlyThinker sequential: 63.8 on 1 core, 37.4 on 2.
-  FlyThinker "threads" (R on a worker thread, one core each): 52.2.
-So with the paper's premise (each model has its own compute) concurrency hides R completely, but on a machine
-with 2 cores in total, giving G both cores and running R after it is faster (37.4 < 52.2): intra-op threads
+Choosing a backend ("auto"). Measured on a 2-core CPU, 512-token prompt, batch 1, fp32, ms per new token
+(`flythinker bench decode` reproduces it; the first row is the reference in the project's facts, the second this
+engine on the `--model medium` pair, a 201M Generator + 57M Reasoner, in a run no other process disturbed):
+                                   G alone 1 core | FT sequential 1 core | FT threads 1+1 | G alone 2 | FT seq. 2
+  SmolLM2-135M + its first 8 layers:     53.6     |         63.8         |      52.2      |   33.8    |   37.4
+  medium pair:                           98.8     |        117.6         |     101.2      |   59.3    |   73.2
+With the paper's premise (each model has its own compute) concurrency hides R almost completely, but on a machine
+with 2 cores in total, giving G both cores and running R after it is faster (73.2 < 101.2): intra-op threads
 scale well enough from 1 to 2 cores that taking a core away from G costs more than R's whole step. Hence:
   * fusion off (no Reasoner or λ = 0): "sequential" (G alone, nothing to overlap);
   * R and G on different devices: "two_devices" (each device computes its own model; the paper's setup);
-  * one CUDA device: "cuda_streams" (R on a side stream; costs two stream waits per step, never a host sync);
+  * one CUDA device: "cuda_streams" (R on a side stream; costs two stream waits per step, never a host sync;
+    not measured here: no GPU);
   * CPU with >= 4 intra-op threads: "threads" with the cores split by the models' per-token multiply-adds
     (not measured here; reasoning: batch-1 decode is a chain of memory-bound matrix-vector products whose
     intra-op scaling flattens after a few cores, so a small dedicated share for R beats time-slicing all cores);
   * CPU with 2-3 threads (measured above) or 1 thread: "sequential" with every thread.
+Two threads that must share cores are far worse than either choice: an OpenMP team whose second thread waits for a
+busy core stalls every operator (10-20x slower per token when another process holds a core), which is why the
+"threads" backend gives each model its own thread count (`pinned_threads`) instead of sharing one pool.
 `concurrent=True` forces the concurrent backend for the placement (threads on CPU), `False` forces sequential.
 """
 
@@ -223,8 +229,10 @@ def pinned_threads(n: int | None) -> Iterator[None]:
     """Set this thread's intra-op thread count for the block and restore it after.
 
     With torch's OpenMP backend the count is the calling thread's OpenMP ICV (and MKL follows the calling thread's
-    OpenMP setting), so the main thread and the Reasoner's worker thread each keep their own count: measured on a
-    2-core machine, one thread each runs both models at one core apiece instead of four threads time-slicing."""
+    OpenMP setting; checked: a worker calling set_num_threads(2) leaves the caller's GEMMs on one core), so the
+    caller and the Reasoner's worker thread each keep their own count. Measured (/proc per-thread CPU time) while
+    decoding with "threads" 1+1: exactly two OS threads are busy, the caller at ~0.95 core and the worker at
+    ~0.2 core (57M Reasoner beside a 201M Generator); no OpenMP team threads are spawned to compete for cores."""
     old = torch.get_num_threads()
     if n is None or n == old:
         yield
