@@ -54,3 +54,17 @@ def test_bench_train_missing_module_is_a_user_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "flythinker.bench_train", None)  # import now raises ModuleNotFoundError
     assert main(["bench", "train"]) == 2
     assert "bench train" in capsys.readouterr().err
+
+
+def test_time_generation_times_prefill_and_every_later_step():
+    """The shared timing primitive (bench decode and the study's efficiency figures): one prefill figure and one
+    figure per decode step after it, with EOS disabled so the count is exact."""
+    from flythinker import FlyThinker, FlyThinkerConfig
+    from flythinker.bench import time_generation
+    from flythinker.tiny import tiny_lm
+
+    gen, rea = tiny_lm(seed=0), tiny_lm(seed=1, num_layers=1)
+    model = FlyThinker(gen, rea, FlyThinkerConfig(lam=0.5)).eval()
+    ids = torch.randint(3, gen.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    prefill, steps = time_generation(model, ids, 5)
+    assert prefill > 0 and len(steps) == 4 and all(s > 0 for s in steps)

@@ -136,11 +136,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_once(model, ids: torch.Tensor, new_tokens: int, kw: dict[str, Any]) -> tuple[float, list[float]]:
-    """One timed generation: (prefill ms = prompt in -> first token out, ms of each later decode step). EOS is
-    disabled so every run decodes `new_tokens` tokens; exactly one generation is inside the timed window."""
+def time_generation(model, ids: torch.Tensor, new_tokens: int,
+                    kw: dict[str, Any] | None = None) -> tuple[float, list[float]]:
+    """One timed generation of an unpadded batch `ids` (B, T): (prefill ms = prompt in -> first token out, ms of
+    each later decode step). EOS is disabled so every run decodes `new_tokens` tokens; exactly one generation is
+    inside the timed window. `kw` goes to `generation.stream` (backend, thread split). The one timing primitive
+    of the project: `bench decode` and the study's efficiency figures both use it."""
     from .generation import stream
 
+    kw = kw or {}
     mask = torch.ones_like(ids)
     _sync(ids.device)
     t0 = time.perf_counter()
@@ -168,13 +172,13 @@ def time_configs(configs: list[tuple[Any, int | None, dict[str, Any]]], ids: tor
     warm = ids[:, -min(ids.shape[1], 16):]
     for model, threads, kw in configs:
         with pinned_threads(threads):
-            _run_once(model, warm, 3, kw)
+            time_generation(model, warm, 3, kw)
     prefill: list[list[float]] = [[] for _ in configs]
     steps: list[list[float]] = [[] for _ in configs]
     for _ in range(runs):
         for i, (model, threads, kw) in enumerate(configs):
             with pinned_threads(threads):
-                pre, dec = _run_once(model, ids, new_tokens, kw)
+                pre, dec = time_generation(model, ids, new_tokens, kw)
             prefill[i].append(pre)
             steps[i].extend(dec)
     return [(statistics.median(p), statistics.median(d)) for p, d in zip(prefill, steps)]

@@ -143,24 +143,20 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
 @torch.no_grad()
 def measure_decode_ms(model, tokenizer, data_cfg: DataConfig, example: Example, new_tokens: int = 32,
                       runs: int = 3) -> float:
-    """Median ms per decoded token after prefill, for one real prompt, EOS disabled, with the engine's automatic
-    backend: the same-machine cost a user of this box sees (`flythinker bench decode` has the controlled version)."""
+    """Median ms per decoded token after prefill (over every decode step of `runs` runs, after one warm-up run),
+    for one real prompt, EOS disabled, with the engine's automatic backend: the same-machine cost a user of this
+    box sees (`flythinker bench decode` has the controlled per-device and same-machine comparisons)."""
     import statistics
 
-    from .generation import stream
+    from .bench import time_generation
 
     ids = torch.tensor([encode_example(example, tokenizer, data_cfg, with_response=False)["prompt_ids"]])
     ids = ids.to(next(model.parameters()).device)
-    times = []
-    for _ in range(runs + 1):  # the first run warms up allocator and worker threads
-        it = stream(model, ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=[])
-        next(it)  # prefill + first token
-        t0 = time.perf_counter()
-        n = sum(1 for _ in it)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3 / max(1, n))
-    return statistics.median(times[1:])
+    time_generation(model, ids, min(new_tokens, 4))  # warm-up: allocator, OpenMP teams, worker threads
+    steps: list[float] = []
+    for _ in range(runs):
+        steps += time_generation(model, ids, new_tokens)[1]
+    return statistics.median(steps)
 
 
 def _slug(name: str) -> str:
