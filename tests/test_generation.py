@@ -93,6 +93,17 @@ def test_width_mismatch_projection_matches_teacher_forcing():
     assert torch.equal(seq, generate(model, ids, mask, max_new_tokens=N, eos_token_id=[], concurrent="threads"))
 
 
+@pytest.mark.parametrize("mode", ["center", "standardize"])
+def test_greedy_equals_teacher_forcing_with_normalized_fusion(models, mode):
+    """The decode engine goes through the same fuse(), so the calibrated affine map applies identically."""
+    model = FlyThinker(*models, FlyThinkerConfig(lam=0.7, normalize=mode))
+    ids, mask = _prompts()
+    model.calibrate([(ids, mask)])
+    out = generate(model, ids, mask, max_new_tokens=N, eos_token_id=[], concurrent="sequential")
+    _assert_teacher_forced(model, ids, mask, out)
+    assert torch.equal(out, generate(model, ids, mask, max_new_tokens=N, eos_token_id=[], concurrent="threads"))
+
+
 @pytest.mark.parametrize("concurrent", ["threads", True, "auto"])
 def test_concurrent_equals_sequential(models, concurrent):
     model = FlyThinker(*models, FlyThinkerConfig(lam=0.5))

@@ -226,3 +226,70 @@ def test_config_validation():
         FlyThinkerConfig(scope="everywhere")
     with pytest.raises(ConfigError, match="unknown key"):
         FlyThinkerConfig.from_dict({"lam": 0.5, "lamda": 1})
+
+
+def _calibrated(model, seed=5):
+    ids, mask, _ = _batch(B=3, T=9, seed=seed)
+    mask[1, :4] = 0  # padding must not enter the statistics
+    n = model.calibrate([(ids, mask)])
+    return ids, mask, n
+
+
+@pytest.mark.parametrize("mode", ["center", "standardize"])
+def test_normalize_statistics_and_fusion_match_the_formula(gen_reasoner, mode):
+    gen, rea = gen_reasoner
+    model = FlyThinker(gen, rea, FlyThinkerConfig(lam=0.7, normalize=mode)).eval()
+    assert not model.calibrated
+    ids, mask, n = _calibrated(model)
+    with torch.no_grad():
+        h = rea.model(input_ids=ids, attention_mask=mask,
+                      position_ids=(torch.arange(9)[None] - mask.argmax(-1, keepdim=True)).clamp(min=0)
+                      ).last_hidden_state
+    real = h[mask.bool()]                                                               # (N, H)
+    assert n == int(mask.sum()) and model.calibrated
+    torch.testing.assert_close(model.r_mean, real.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.r_std, real.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    # fusion = e(x_i) + λ · rescale(normalized r_{i-1}), checked at one position by hand
+    x_ids, x_mask, _ = _batch(B=1, T=6, seed=9)
+    with torch.no_grad():
+        fused, states = model.fused_embeddings(x_ids, x_mask)
+    r = states[0, 2] - model.r_mean
+    if mode == "standardize":
+        r = r / model.r_std
+    target = gen.get_input_embeddings().weight.norm(dim=-1).mean()
+    expect = gen.get_input_embeddings().weight[x_ids[0, 3]] + 0.7 * r * target / r.norm()
+    torch.testing.assert_close(fused[0, 3], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_without_calibration_is_a_clear_error(gen_reasoner):
+    model = FlyThinker(*gen_reasoner, FlyThinkerConfig(normalize="center"))
+    ids, mask, labels = _batch()
+    with pytest.raises(ValueError, match="calibrate"):
+        model(ids, mask, labels)
+    with pytest.raises(ValueError, match="normalize"):
+        FlyThinkerConfig(normalize="whiten")
+
+
+def test_normalize_changes_the_shock_not_the_no_fusion_path(gen_reasoner):
+    """normalize only acts through fusion: with λ = 0 it leaves the Generator's logits exactly as they were."""
+    gen, rea = gen_reasoner
+    plain = FlyThinker(gen, rea, FlyThinkerConfig(lam=0.0)).eval()
+    norm = FlyThinker(gen, rea, FlyThinkerConfig(lam=0.0, normalize="standardize")).eval()
+    _calibrated(norm)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        assert torch.equal(plain(ids, mask, labels).logits, norm(ids, mask, labels).logits)
+
+
+def test_save_load_keeps_calibration(tmp_path, gen_reasoner):
+    gen, rea = gen_reasoner
+    model = FlyThinker(gen, rea, FlyThinkerConfig(lam=0.5, normalize="standardize")).eval()
+    _calibrated(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = FlyThinker.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.calibrated and loaded.config.normalize == "standardize"
+    for k in ("r_mean", "r_std", "r_count"):
+        assert torch.equal(getattr(model, k), getattr(loaded, k))
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask, labels).logits, loaded(ids, mask, labels).logits)

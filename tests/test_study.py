@@ -25,7 +25,7 @@ model: {{generator: {gen_dir}, reasoner: "1"}}
 data_cfg: {{k: 1, profile_tokens: 48, query_tokens: 32, target_tokens: 32}}
 train: {{batch_size: 2, grad_accum: 1, progress: false, lr_generator: 1.0e-3, lr_reasoner: 1.0e-3}}
 decode: {{max_new_tokens: 6, batch_size: 4}}
-ablation: {{lams: [2.0], reasoner_layers: [2], train_examples: 2, eval_examples: 2, max_new_tokens: 4}}
+ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_examples: 2, eval_examples: 2, max_new_tokens: 4}}
 """)
     assert main(["study", "--config", str(cfg), "--train.progress", "false"]) == 0
     out = tmp_path / "out"
@@ -40,7 +40,11 @@ ablation: {{lams: [2.0], reasoner_layers: [2], train_examples: 2, eval_examples:
             assert len((out / split / m / "predictions.jsonl").read_text().splitlines()) == 3
     # non-personalized prompts carry no history; RAG prompts do (same Generator, no training)
     names = [r["name"] for r in summary["ablations"]["rows"]]
-    assert names == ["lam=2", "layers=2", "SFT"]
+    assert names == ["lam=2", "layers=2", "normalize=center", "SFT"]
     assert all(r["dev_nll"] > 0 and r["init_dev_nll"] > 0 for r in summary["ablations"]["rows"])
+    from flythinker import FlyThinker
+
+    trained = FlyThinker.from_pretrained(out / "ablations" / "normalize_center" / "train" / "final")
+    assert trained.config.normalize == "center" and trained.calibrated
     md = (out / "summary.md").read_text()
     assert "## user split" in md and "## Ablations" in md and "train s/step" in md

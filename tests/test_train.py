@@ -93,6 +93,24 @@ def test_resume_is_exact_and_checkpoints_are_complete(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("lr_generator" in r and "lr_reasoner" in r for r in log)
 
 
+def test_normalize_is_calibrated_from_the_untrained_reasoner_before_step_one(tmp_path):
+    """fit() sets the statistics from the first calibration_examples features with R as it was before training;
+    a resumed run recomputes the same values and continues exactly."""
+    feats = make_features(6)
+    reference = _models(normalize="standardize")
+    reference.calibrate([(b["input_ids"], b["attention_mask"]) for b in (collate_features([f], 0) for f in feats[:3])])
+    model = _models(normalize="standardize")
+    straight = fit(model, feats, _args(tmp_path / "s", max_steps=4, grad_accum=2, calibration_examples=3),
+                   pad_token_id=0)
+    for k in ("r_mean", "r_std", "r_count"):
+        assert torch.equal(getattr(model, k), getattr(reference, k))
+    args = _args(tmp_path / "r", max_steps=2, grad_accum=2, save_every=2, calibration_examples=3)
+    first = fit(_models(normalize="standardize"), feats, args, pad_token_id=0)
+    resumed = TrainArgs(**{**args.__dict__, "max_steps": 4, "resume": True, "save_every": 0})
+    second = fit(_models(normalize="standardize"), feats, resumed, pad_token_id=0)
+    assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-6, abs=1e-7)
+
+
 def test_final_checkpoint_loads_with_identical_logits(tmp_path):
     model = _models()
     res = fit(model, make_features(2), _args(tmp_path, max_steps=2, save_final=True), pad_token_id=0)

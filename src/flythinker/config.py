@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 Scope = Literal["global", "input", "output"]
 WidthMode = Literal["project", "pad"]
+Normalize = Literal["none", "center", "standardize"]
 
 
 class ConfigError(ValueError):
@@ -36,12 +37,19 @@ class FlyThinkerConfig:
     """Rescale each r_{i-1} to the mean L2 norm of the Generator's embedding rows before adding (official code)."""
     width_mode: WidthMode = "project"
     """When d_R != d_G: "project" = learned linear map initialised to the zero-padded add; "pad" = fixed zero-pad."""
+    normalize: Normalize = "none"
+    """Before the rescale, shift ("center") or shift and scale per dimension ("standardize") r by the untrained
+    Reasoner's own mean / std over training tokens (`FlyThinker.calibrate`; the trainer does it; saved with the
+    model). Not in the paper: R's final-layer states share one large common direction and a few massive dimensions,
+    so rescaled they act as a near-constant, out-of-distribution offset on every embedding (docs/results.md)."""
 
     def __post_init__(self) -> None:
         if self.scope not in ("global", "input", "output"):
             raise ConfigError(f"scope must be one of global, input, output; got {self.scope!r}")
         if self.width_mode not in ("project", "pad"):
             raise ConfigError(f"width_mode must be 'project' or 'pad'; got {self.width_mode!r}")
+        if self.normalize not in ("none", "center", "standardize"):
+            raise ConfigError(f"normalize must be one of none, center, standardize; got {self.normalize!r}")
         if self.lam < 0:
             raise ConfigError(f"lam must be >= 0; got {self.lam}")
 

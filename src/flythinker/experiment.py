@@ -41,6 +41,8 @@ class MethodSpec:
     """Override the fusion scope (None = the experiment's)."""
     reasoner: str | None = None
     """Override the Reasoner (an integer k = first k layers; None = the experiment's)."""
+    normalize: str | None = None
+    """Override FlyThinkerConfig.normalize (None = the experiment's)."""
 
     @property
     def trained(self) -> bool:
@@ -74,6 +76,8 @@ def method_model_args(spec: MethodSpec, base: ModelArgs) -> ModelArgs:
         args.scope = spec.scope  # type: ignore[assignment]
     if spec.reasoner is not None:
         args.reasoner = spec.reasoner
+    if spec.normalize is not None:
+        args.normalize = spec.normalize  # type: ignore[assignment]
     return args
 
 

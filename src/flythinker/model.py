@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,12 @@ class FlyThinker(nn.Module):
                         self.projection.weight[:n, :n] = torch.eye(n)
                     p = next(generator.parameters())
                     self.projection.to(device=p.device, dtype=p.dtype)
+            # Statistics of R's final-layer states for config.normalize (set by `calibrate`, saved with the model;
+            # r_count = calibration tokens, 0 = not calibrated). fp32 whatever the models' dtype.
+            dev = next(reasoner.parameters()).device
+            self.register_buffer("r_mean", torch.zeros(d_r, device=dev))
+            self.register_buffer("r_std", torch.ones(d_r, device=dev))
+            self.register_buffer("r_count", torch.zeros((), device=dev))
 
     # ------------------------------------------------------------------------------------------------------------
     # the paper's equations, one function each
@@ -171,6 +177,50 @@ class FlyThinker(nn.Module):
             keep = keep & (resp if scope == "output" else ~resp)
         return keep.to(torch.float32)
 
+    @property
+    def calibrated(self) -> bool:
+        return self.reasoner is not None and bool(self.r_count.item() > 0)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Set r_mean / r_std (H_R,) to the mean and std of R's final-layer states over the real tokens of
+        `batches`, an iterable of (input_ids (B, T), attention_mask (B, T)). Used by config.normalize; computed
+        once from the untrained Reasoner and then fixed, so training and decoding apply the same affine map.
+        Returns the number of tokens seen."""
+        assert self.reasoner is not None, "calibrate needs a Reasoner"
+        was_training = self.reasoner.training
+        self.reasoner.eval()
+        total = total_sq = None
+        n = 0
+        for ids, mask in batches:
+            ids = ids.to(self.r_mean.device)
+            mask = mask.to(ids.device)
+            states, _ = self.reason(ids, mask)                                        # (B, T, H_R)
+            x = states[mask.bool()].double()                                            # (N, H_R)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+            n += x.shape[0]
+        self.reasoner.train(was_training)
+        if n < 2:
+            raise ValueError("calibrate needs at least two real tokens")
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp_min(0)
+        self.r_mean.copy_(mean.float())
+        self.r_std.copy_(var.sqrt().clamp_min(1e-6).float())
+        self.r_count.fill_(n)
+        return n
+
+    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
+        """config.normalize: (r - mean) or (r - mean) / std per dimension, in fp32; identity for "none".
+
+        states: (B, T, H_R) -> (B, T, H_R)."""
+        if self.config.normalize == "none":
+            return states
+        r = states.float() - self.r_mean.to(states.device)
+        if self.config.normalize == "standardize":
+            r = r / self.r_std.to(states.device)
+        return r
+
     def embedding_norm(self) -> torch.Tensor:
         """Mean L2 norm of the Generator's input-embedding rows (scalar, detached: a target scale, not a path for
         gradients). One vocabulary-wide constant, so teacher forcing and incremental decoding rescale identically."""
@@ -187,7 +237,7 @@ class FlyThinker(nn.Module):
         emb_norm: the target norm (scalar); computed from the embedding table when None.
         Returns (B, T, H_G).
         """
-        r = prev_states.to(device=token_embeds.device)
+        r = self.normalize_states(prev_states.to(device=token_embeds.device))               # (B, T, H_R)
         if r.shape[-1] != token_embeds.shape[-1]:
             if self.projection is not None:
                 r = self.projection(r.to(self.projection.weight.dtype))                 # (B, T, H_G)
@@ -208,6 +258,9 @@ class FlyThinker(nn.Module):
 
         input_ids, attention_mask, response_mask: (B, T). Returns (inputs_embeds (B, T, H_G), states (B, T, H_R)).
         """
+        if self.config.normalize != "none" and not self.calibrated:
+            raise ValueError(f"normalize={self.config.normalize!r} needs Reasoner statistics: call "
+                             "FlyThinker.calibrate(...) first (the trainer does it before step 1)")
         if reasoner_states is None:
             reasoner_states, _ = self.reason(input_ids, attention_mask)                 # (B, T, H_R)
         emb = self.generator.get_input_embeddings()(input_ids)                          # (B, T, H_G)
@@ -267,14 +320,19 @@ class FlyThinker(nn.Module):
             self.tokenizer.save_pretrained(path / "generator")
         if self.reasoner is not None:
             _save_lm(self.reasoner, path / "reasoner", safe_serialization)
+        calibrated = self.reasoner is not None and self.calibrated
         meta = {"flythinker": self.config.to_dict(), "has_reasoner": self.reasoner is not None,
-                "has_projection": self.projection is not None, "format_version": 1}
+                "has_projection": self.projection is not None, "calibrated": calibrated, "format_version": 1}
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {}
         if self.projection is not None:
+            tensors["projection.weight"] = self.projection.weight.detach().cpu().contiguous()
+        if calibrated:
+            tensors.update({k: getattr(self, k).detach().cpu().contiguous() for k in ("r_mean", "r_std", "r_count")})
+        if tensors:
             from safetensors.torch import save_file
 
-            save_file({"projection.weight": self.projection.weight.detach().cpu().contiguous()},
-                      str(path / FUSION_WEIGHTS))
+            save_file(tensors, str(path / FUSION_WEIGHTS))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
@@ -301,14 +359,19 @@ class FlyThinker(nn.Module):
 
             tokenizer = AutoTokenizer.from_pretrained(path / "generator")
         model = cls(generator, reasoner, cfg, tokenizer=tokenizer)
-        if meta.get("has_projection"):
-            if model.projection is None:
-                raise ValueError(f"{path}: saved with a projection but the configured width_mode has none")
+        if meta.get("has_projection") and model.projection is None:
+            raise ValueError(f"{path}: saved with a projection but the configured width_mode has none")
+        if meta.get("has_projection") or meta.get("calibrated"):
             from safetensors.torch import load_file
 
-            w = load_file(str(path / FUSION_WEIGHTS))["projection.weight"]
+            saved = load_file(str(path / FUSION_WEIGHTS))
             with torch.no_grad():
-                model.projection.weight.copy_(w.to(model.projection.weight.dtype))
+                if meta.get("has_projection"):
+                    w = saved["projection.weight"]
+                    model.projection.weight.copy_(w.to(model.projection.weight.dtype))
+                if meta.get("calibrated"):
+                    for k in ("r_mean", "r_std", "r_count"):
+                        getattr(model, k).copy_(saved[k])
         return model
 
 

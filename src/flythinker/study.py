@@ -36,9 +36,16 @@ class AblationConfig:
     """λ values (Figure 6); empty disables."""
     reasoner_layers: list[int] = field(default_factory=lambda: [4, 8])
     """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); empty disables."""
+    normalize: list[str] = field(default_factory=list)
+    """FlyThinkerConfig.normalize variants (center, standardize) at the experiment's λ; not in the paper."""
     train_examples: int = 120
     eval_examples: int = 24
     max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.normalize if m not in ("center", "standardize")]
+        if bad:
+            raise UserError(f"ablation.normalize: unknown variant(s) {', '.join(bad)}; valid: center, standardize")
 
 
 @dataclass
@@ -123,7 +130,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         _write(out, summary, metrics)
 
     ab = cfg.ablation
-    if ab.lams or ab.reasoner_layers:
+    if ab.lams or ab.reasoner_layers or ab.normalize:
         summary["ablations"] = run_ablations(cfg, metrics, tok, log)
         _write(out, summary, metrics)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -139,7 +146,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     from .experiment import MethodSpec, load_method_model, run_method
     from .model import FlyThinker
     from .report import EvalConfig, run_evaluation
-    from .train import validate
+    from .train import calibrate_fusion, validate
 
     ab = cfg.ablation
     train_file, dev_file = _split_files(Path(cfg.data_root), ab.split)
@@ -150,6 +157,8 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     points = [("lam", lam, MethodSpec(f"lam={lam:g}", "flythinker", lam=lam)) for lam in ab.lams]
     points += [("reasoner_layers", k, MethodSpec(f"layers={k}", "flythinker", reasoner=str(k)))
                for k in ab.reasoner_layers]
+    points += [("normalize", mode, MethodSpec(f"normalize={mode}", "flythinker", normalize=mode))
+               for mode in ab.normalize]
     points.append(("sft", None, MethodSpec("SFT", "sft")))
     rows = []
     for axis, value, spec in points:
@@ -157,6 +166,9 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
         # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained Generator
         # before any learning (the gap training has to close first).
         init_model, _ = load_method_model(spec, cfg.model)
+        calibrate_fusion(init_model, [encode_example(e, tok, cfg.data_cfg, with_response=True)
+                                      for e in train[:cfg.train.calibration_examples]],
+                         cfg.train.calibration_examples, tok.pad_token_id)  # as `fit` will
         init_feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
         init_nll = validate(init_model, init_feats, tok.pad_token_id)
         del init_model

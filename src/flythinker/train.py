@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_checkpoint, \
     set_rng_state
-from .config import FlyThinkerConfig, Scope, WidthMode, to_dict
+from .config import FlyThinkerConfig, Normalize, Scope, WidthMode, to_dict
 from .data import DataConfig
 from .model import IGNORE_INDEX, FlyThinker
 from .utils import UserError, seed_everything
@@ -49,6 +49,9 @@ class ModelArgs:
     """d_R != d_G handling: project (learned, initialised to zero-pad) | pad (official)."""
     rescale: bool = True
     """Rescale r to the Generator's mean embedding norm before adding."""
+    normalize: Normalize = "none"
+    """none (paper) | center | standardize: r minus the untrained Reasoner's mean state (and / std) before the
+    rescale; statistics from the first `calibration_examples` training examples."""
     freeze_generator: bool = False
     """Keep the Generator's weights fixed."""
     freeze_reasoner: bool = False
@@ -67,7 +70,8 @@ class ModelArgs:
     """Recompute activations in backward to save memory."""
 
     def fusion_config(self) -> FlyThinkerConfig:
-        return FlyThinkerConfig(lam=self.lam, scope=self.scope, width_mode=self.width_mode, rescale=self.rescale)
+        return FlyThinkerConfig(lam=self.lam, scope=self.scope, width_mode=self.width_mode, rescale=self.rescale,
+                                normalize=self.normalize)
 
 
 @dataclass
@@ -114,6 +118,8 @@ class TrainArgs:
     """Write out_dir/final/ at the end."""
     resume: bool = False
     """Continue from the newest complete step-N checkpoint in out_dir."""
+    calibration_examples: int = 32
+    """Training examples whose Reasoner states set the statistics of model.normalize (center/standardize)."""
     threads: int = 0
     """torch intra-op threads (0 = all cores available to this process)."""
     progress: bool = True
@@ -230,6 +236,20 @@ def collate_features(features: Sequence[dict[str, Any]], pad_token_id: int) -> d
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def calibrate_fusion(model: FlyThinker, features: Sequence[dict[str, Any]], n_examples: int,
+                     pad_token_id: int) -> int:
+    """Set the Reasoner statistics that config.normalize needs from the first `n_examples` features (untrained R,
+    one example per pass, no padding). A no-op (returns 0) when not needed or already set, e.g. on resume."""
+    if model.reasoner is None or model.config.normalize == "none" or model.calibrated:
+        return 0
+    if n_examples < 1:
+        raise UserError("train.calibration_examples must be >= 1 when normalize is center or standardize")
+    device = next(model.reasoner.parameters()).device
+    batches = ((b["input_ids"].to(device), b["attention_mask"].to(device))
+               for b in (collate_features([f], pad_token_id) for f in features[:n_examples]))
+    return model.calibrate(batches)
+
+
 def windows_for_epoch(n: int, epoch: int, args: TrainArgs, world: int) -> list[list[list[int]]]:
     """Example indices for one epoch: a list of optimizer windows, each a list of global micro-batches.
 
@@ -284,6 +304,9 @@ def fit(model: FlyThinker, features: Sequence[dict[str, Any]], args: TrainArgs, 
     config = config or {"train": to_dict(args)}
 
     seed_everything(args.seed)
+    # Before any weight is loaded or updated: the statistics come from the untrained Reasoner, so a resumed run
+    # recomputes exactly the values it started with.
+    calibrate_fusion(model, features, args.calibration_examples, pad_token_id)
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.95), eps=1e-8)
     total = total_optimizer_steps(len(features), args, world)
