@@ -48,3 +48,16 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
     assert trained.config.normalize == "center" and trained.calibrated
     md = (out / "summary.md").read_text()
     assert "## user split" in md and "## Ablations" in md and "train s/step" in md
+
+
+def test_median_step_seconds_skips_step_one_and_ignores_bursts(tmp_path):
+    from flythinker.experiment import median_step_seconds
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": 1, "seconds": 50.0}, {"step": 2, "seconds": 2.0}, {"step": 3, "seconds": 40.0},
+            {"step": 4, "seconds": 2.2}, {"step": 5, "seconds": 2.1}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert abs(median_step_seconds(log) - 2.15) < 1e-9
+    assert median_step_seconds(tmp_path / "missing.jsonl") is None
+    log.write_text(json.dumps({"step": 1, "seconds": 3.0}) + "\n")
+    assert median_step_seconds(log) is None

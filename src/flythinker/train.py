@@ -334,7 +334,7 @@ def fit(model: FlyThinker, features: Sequence[dict[str, Any]], args: TrainArgs, 
     bar = tqdm(total=total, initial=step, desc="train", disable=not (args.progress and accelerator.is_main_process),
                dynamic_ncols=True)
     result = FitResult(steps=step)
-    t_start, steps_timed = time.perf_counter(), 0
+    t_start = time.perf_counter()
 
     def windows() -> Iterator[tuple[int, int, list[list[int]]]]:
         e = epoch
@@ -374,8 +374,6 @@ def fit(model: FlyThinker, features: Sequence[dict[str, Any]], args: TrainArgs, 
         loss_value = float(accelerator.reduce(loss_sum_local, reduction="sum")) / max(1, window_tokens)
         result.losses.append(loss_value)
         dt = time.perf_counter() - t0
-        if step > 1:  # the first step pays one-off allocation costs
-            steps_timed += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if accelerator.is_main_process and (step % args.log_every == 0 or step == total):
