@@ -68,3 +68,18 @@ def test_time_generation_times_prefill_and_every_later_step():
     ids = torch.randint(3, gen.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     prefill, steps = time_generation(model, ids, 5)
     assert prefill > 0 and len(steps) == 4 and all(s > 0 for s in steps)
+
+
+def test_time_configs_takes_one_prompt_batch_per_configuration():
+    import pytest
+
+    from flythinker import FlyThinker
+    from flythinker.bench import time_configs
+    from flythinker.tiny import tiny_lm
+
+    sft = FlyThinker(tiny_lm(seed=0)).eval()
+    a, b = torch.randint(3, 300, (1, 5)), torch.randint(3, 300, (1, 9))
+    timed = time_configs([(sft, None, {}), (sft, None, {})], [a, b], new_tokens=3, runs=2)
+    assert len(timed) == 2 and all(pre > 0 and ms > 0 for pre, ms in timed)
+    with pytest.raises(ValueError, match="2 configurations"):
+        time_configs([(sft, None, {}), (sft, None, {})], [a], new_tokens=3, runs=1)

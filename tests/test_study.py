@@ -38,6 +38,9 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
         assert eff["RAG"]["train_s_per_step"] is None and eff["RAG"]["decode_ms_per_token"] > 0
         for m in ("SFT", "FlyThinker", "RAG", "Non-personalized"):
             assert len((out / split / m / "predictions.jsonl").read_text().splitlines()) == 3
+        # decode timed for all methods together (interleaved), the table's figures are those
+        timed = json.loads((out / split / "decode_timing.json").read_text())["ms_per_token"]
+        assert {m: eff[m]["decode_ms_per_token"] for m in timed} == timed and len(timed) == 4
     # non-personalized prompts carry no history; RAG prompts do (same Generator, no training)
     names = [r["name"] for r in summary["ablations"]["rows"]]
     assert names == ["lam=2", "layers=2", "normalize=center", "SFT"]

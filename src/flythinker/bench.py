@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -158,10 +158,10 @@ def time_generation(model, ids: torch.Tensor, new_tokens: int,
     return (marks[0] - t0) * 1e3, [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
 
 
-def time_configs(configs: list[tuple[Any, int | None, dict[str, Any]]], ids: torch.Tensor, new_tokens: int,
-                 runs: int) -> list[tuple[float, float]]:
+def time_configs(configs: list[tuple[Any, int | None, dict[str, Any]]], ids: torch.Tensor | Sequence[torch.Tensor],
+                 new_tokens: int, runs: int) -> list[tuple[float, float]]:
     """(median prefill ms over runs, median ms of one decode step over all steps of all runs) per configuration
-    (model, main-thread count, decode kwargs).
+    (model, main-thread count, decode kwargs). `ids` is one prompt batch for all, or one per configuration.
 
     Robust to a shared machine: runs are interleaved (run 1 of every configuration, then run 2, ...) so background
     load hits all configurations alike, and the per-token figure is the median over every decode step rather than
@@ -169,16 +169,18 @@ def time_configs(configs: list[tuple[Any, int | None, dict[str, Any]]], ids: tor
     decodes a short warm-up (allocator, OpenMP teams, the Reasoner's worker thread)."""
     from .generation import pinned_threads
 
-    warm = ids[:, -min(ids.shape[1], 16):]
-    for model, threads, kw in configs:
+    per = list(ids) if not isinstance(ids, torch.Tensor) else [ids] * len(configs)
+    if len(per) != len(configs):
+        raise ValueError(f"{len(per)} prompt batches for {len(configs)} configurations")
+    for (model, threads, kw), x in zip(configs, per):
         with pinned_threads(threads):
-            time_generation(model, warm, 3, kw)
+            time_generation(model, x[:, -min(x.shape[1], 16):], 3, kw)
     prefill: list[list[float]] = [[] for _ in configs]
     steps: list[list[float]] = [[] for _ in configs]
     for _ in range(runs):
         for i, (model, threads, kw) in enumerate(configs):
             with pinned_threads(threads):
-                pre, dec = time_generation(model, ids, new_tokens, kw)
+                pre, dec = time_generation(model, per[i], new_tokens, kw)
             prefill[i].append(pre)
             steps[i].extend(dec)
     return [(statistics.median(p), statistics.median(d)) for p, d in zip(prefill, steps)]

@@ -69,7 +69,7 @@ def _find(root: Path, split: str) -> Path:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from .data import load_examples
-    from .experiment import MethodSpec, efficiency_table, run_method
+    from .experiment import MethodSpec, efficiency_table, remeasure_decode, run_method
     from .report import EvalConfig, run_evaluation
     from .utils import seed_everything, set_threads
 
@@ -103,6 +103,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         train_args = dataclasses.replace(cfg.train, seed=cfg.seed)
         results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, train_args, cfg.decode, out / "runs",
                                   progress=cfg.train.progress, log=log))
+    remeasure_decode(results, methods, cfg.model, cfg.data_cfg, dev[0], out / "runs", log=log)
     metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
     tok = _tokenizer_of(cfg)
     report = run_evaluation([r.predictions for r in results], out / "eval",

@@ -95,7 +95,8 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
                model_args: ModelArgs, data: DataConfig, train: TrainArgs, decode: DecodeOptions,
                out_dir: str | Path, progress: bool = True, log=print) -> MethodResult:
     """Train (if the method is trained), then generate predictions for `eval_examples` into
-    `out_dir/<name>/predictions.jsonl`, measuring training s/step and decode ms/token."""
+    `out_dir/<name>/predictions.jsonl`, measuring training s/step (decode ms/token: `remeasure_decode`, all
+    methods together)."""
     from .model import FlyThinker
     from .predict import generate_predictions, model_predict_fn
     from .train import fit
@@ -143,10 +144,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
                                  method=spec.name, progress=progress)
     if stats.written:
         timing["generate_seconds"] = time.perf_counter() - t0
-    if "decode_ms_per_token" not in timing:
-        timing["decode_ms_per_token"] = measure_decode_ms(model, tok, data_cfg, eval_examples[0])
     timing_file.write_text(json.dumps(timing, indent=2))
-    result.decode_ms_per_token = timing["decode_ms_per_token"]
     log(f"[{spec.name}] {stats.written} predictions written ({stats.skipped} reused) -> {result.predictions}")
     return result
 
@@ -163,23 +161,36 @@ def median_step_seconds(log_path: Path) -> float | None:
     return statistics.median(secs) if secs else None
 
 
-@torch.no_grad()
-def measure_decode_ms(model, tokenizer, data_cfg: DataConfig, example: Example, new_tokens: int = 32,
-                      runs: int = 3) -> float:
-    """Median ms per decoded token after prefill (over every decode step of `runs` runs, after one warm-up run),
-    for one real prompt, EOS disabled, with the engine's automatic backend: the same-machine cost a user of this
-    box sees (`flythinker bench decode` has the controlled per-device and same-machine comparisons)."""
-    import statistics
+def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
+                     data: DataConfig, example: Example, out_dir: str | Path, new_tokens: int = 32, runs: int = 3,
+                     log=print) -> None:
+    """Time every method's decoding together, interleaved round-robin (run 1 of each method, then run 2, ...), on
+    the same example with each method's own prompt, and overwrite each result's decode_ms_per_token.
 
-    from .bench import time_generation
+    The per-method figure measured right after that method's generation compares moments minutes apart, and on a
+    shared or virtualised machine the speed drifts in between; interleaving makes the ratio to SFT a paired
+    measurement. Cached in out_dir/decode_timing.json (reused when it covers every method)."""
+    from .bench import time_configs
+    from .model import FlyThinker
 
-    ids = torch.tensor([encode_example(example, tokenizer, data_cfg, with_response=False)["prompt_ids"]])
-    ids = ids.to(next(model.parameters()).device)
-    time_generation(model, ids, min(new_tokens, 4))  # warm-up: allocator, OpenMP teams, worker threads
-    steps: list[float] = []
-    for _ in range(runs):
-        steps += time_generation(model, ids, new_tokens)[1]
-    return statistics.median(steps)
+    cache = Path(out_dir) / "decode_timing.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not all(r.name in saved.get("ms_per_token", {}) for r in results):
+        configs, prompts = [], []
+        for spec, res in zip(specs, results):
+            model, tok = load_method_model(spec, model_args)
+            if spec.trained:
+                model = FlyThinker.from_pretrained(res.predictions.parent / "train" / "final", load_tokenizer=False)
+            ids = encode_example(example, tok, method_data_config(spec, data), with_response=False)["prompt_ids"]
+            configs.append((model.eval(), None, {}))
+            prompts.append(torch.tensor([ids]))
+        log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")
+        timed = time_configs(configs, prompts, new_tokens, runs)
+        saved = {"ms_per_token": {r.name: ms for r, (_, ms) in zip(results, timed)},
+                 "new_tokens": new_tokens, "runs": runs, "example": example.id}
+        cache.write_text(json.dumps(saved, indent=2))
+    for r in results:
+        r.decode_ms_per_token = saved["ms_per_token"][r.name]
 
 
 def _slug(name: str) -> str:

@@ -95,7 +95,7 @@ def _sample(examples, n: int, seed: int):
 
 def run_study(cfg: StudyConfig, log=print) -> dict:
     from .data import load_examples
-    from .experiment import MethodSpec, efficiency_table, run_method
+    from .experiment import MethodSpec, efficiency_table, remeasure_decode, run_method
     from .report import EvalConfig, run_evaluation
     from .utils import set_threads
 
@@ -115,11 +115,13 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         train = _sample(load_examples(train_file), cfg.train_examples, cfg.seed)
         dev = _sample(load_examples(dev_file), cfg.eval_examples, cfg.seed)
         log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
-        results = []
+        results, specs = [], []
         for kind in cfg.methods:
             spec = MethodSpec(DISPLAY[kind], kind)  # type: ignore[arg-type]
+            specs.append(spec)
             results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
                                       cfg.decode, out / split, progress=cfg.train.progress, log=log))
+        remeasure_decode(results, specs, cfg.model, cfg.data_cfg, dev[0], out / split, log=log)
         base = "SFT" if "sft" in cfg.methods else DISPLAY[cfg.methods[0]]
         rep = run_evaluation([r.predictions for r in results], out / split / "eval",
                              EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
