@@ -45,6 +45,8 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
     names = [r["name"] for r in summary["ablations"]["rows"]]
     assert names == ["lam=2", "layers=2", "normalize=center", "SFT"]
     assert all(r["dev_nll"] > 0 and r["init_dev_nll"] > 0 for r in summary["ablations"]["rows"])
+    cached = json.loads((out / "ablations" / "SFT" / "dev_nll.json").read_text())  # a re-run reuses these
+    assert cached["dev_nll"] == next(r["dev_nll"] for r in summary["ablations"]["rows"] if r["name"] == "SFT")
     from flythinker import FlyThinker
 
     trained = FlyThinker.from_pretrained(out / "ablations" / "normalize_center" / "train" / "final")

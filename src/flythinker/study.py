@@ -165,23 +165,28 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     rows = []
     for axis, value, spec in points:
         log(f"== ablation {spec.name}")
-        # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained Generator
-        # before any learning (the gap training has to close first).
-        init_model, _ = load_method_model(spec, cfg.model)
-        calibrate_fusion(init_model, [encode_example(e, tok, cfg.data_cfg, with_response=True)
-                                      for e in train[:cfg.train.calibration_examples]],
-                         cfg.train.calibration_examples, tok.pad_token_id)  # as `fit` will
-        init_feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
-        init_nll = validate(init_model, init_feats, tok.pad_token_id)
-        del init_model
         res = run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
                          decode, out, progress=cfg.train.progress, log=log)
-        # dev NLL of the trained model (reload final/ so the number is the saved model's)
-        model = FlyThinker.from_pretrained(out / res.predictions.parent.name / "train" / "final", load_tokenizer=False)
-        feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
-        nll = validate(model, feats, tok.pad_token_id)
-        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nll, "init_dev_nll": init_nll, "predictions": str(res.predictions),
-                     "train_s_per_step": res.train_s_per_step, "decode_ms_per_token": res.decode_ms_per_token})
+        nll_file = res.predictions.parent / "dev_nll.json"
+        nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
+        if "init_dev_nll" not in nlls or "dev_nll" not in nlls:
+            dev_feats = [encode_example(e, tok, cfg.data_cfg, with_response=True) for e in dev]
+            # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained
+            # Generator before any learning (the gap training has to close first).
+            init_model, _ = load_method_model(spec, cfg.model)
+            calibrate_fusion(init_model, [encode_example(e, tok, cfg.data_cfg, with_response=True)
+                                          for e in train[:cfg.train.calibration_examples]],
+                             cfg.train.calibration_examples, tok.pad_token_id)  # as `fit` does
+            nlls["init_dev_nll"] = validate(init_model, dev_feats, tok.pad_token_id)
+            del init_model
+            # dev NLL of the trained model (reload final/ so the number is the saved model's)
+            model = FlyThinker.from_pretrained(res.predictions.parent / "train" / "final", load_tokenizer=False)
+            nlls["dev_nll"] = validate(model, dev_feats, tok.pad_token_id)
+            del model
+            nll_file.write_text(json.dumps(nlls, indent=2))
+        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nlls["dev_nll"],
+                     "init_dev_nll": nlls["init_dev_nll"], "predictions": str(res.predictions),
+                     "train_s_per_step": res.train_s_per_step})
     rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
                          EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
     for r in rows:
