@@ -13,8 +13,9 @@ engine on the `--model medium` pair, a 201M Generator + 57M Reasoner, in a run n
   SmolLM2-135M + its first 8 layers:     53.6     |         63.8         |      52.2      |   33.8    |   37.4
   medium pair:                           98.8     |        117.6         |     101.2      |   59.3    |   73.2
   SmolLM2 pair, this engine (11-22):     74.4     |         99.1         |      86.7      |   50.9    |   64.1
-The last row (a slower period of the same virtual machine) hides only half of R's step on one core each: for the
-576-wide SmolLM2 layers the per-token compute is small next to fixed per-layer costs, which do not overlap as well.
+The last row (a slower period of the same virtual machine) hides only half of R's step on one core each. Why is
+not isolated; a likely cause is that the 576-wide SmolLM2 layers do little compute per token next to fixed
+per-layer Python/dispatch costs, which two threads cannot fully overlap.
 With the paper's premise (each model has its own compute) concurrency hides R almost completely, but on a machine
 with 2 cores in total, giving G both cores and running R after it is faster (73.2 < 101.2): intra-op threads
 scale well enough from 1 to 2 cores that taking a core away from G costs more than R's whole step. Hence:
