@@ -48,8 +48,9 @@ class FlyThinkerConfig:
             raise ConfigError(f"scope must be one of global, input, output; got {self.scope!r}")
         if self.width_mode not in ("project", "pad"):
             raise ConfigError(f"width_mode must be 'project' or 'pad'; got {self.width_mode!r}")
-        if self.normalize not in ("none", "center", "standardize"):
-            raise ConfigError(f"normalize must be one of none, center, standardize; got {self.normalize!r}")
+        if self.normalize not in typing.get_args(Normalize):
+            raise ConfigError(f"normalize must be one of {', '.join(typing.get_args(Normalize))}; "
+                              f"got {self.normalize!r}")
         if self.lam < 0:
             raise ConfigError(f"lam must be >= 0; got {self.lam}")
 

@@ -103,9 +103,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         train_args = dataclasses.replace(cfg.train, seed=cfg.seed)
         results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, train_args, cfg.decode, out / "runs",
                                   progress=cfg.train.progress, log=log))
-    remeasure_decode(results, methods, cfg.model, cfg.data_cfg, dev[0], out / "runs", log=log)
-    metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
     tok = _tokenizer_of(cfg)
+    remeasure_decode(results, methods, cfg.model, cfg.data_cfg, dev[0], out / "runs", tok, log=log)
+    metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
     report = run_evaluation([r.predictions for r in results], out / "eval",
                             EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed), tokenizer=tok)
     eff = efficiency_table(results)

@@ -125,11 +125,10 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
             fit_res = fit(model, feats, targs, tok.pad_token_id, config=cfg)
             timing.update(train_s_per_step=fit_res.seconds_per_step, train_steps=fit_res.steps,
                           train_losses=fit_res.losses)
-            timing_file.write_text(json.dumps(timing, indent=2))
         median = median_step_seconds(Path(targs.out_dir) / "log.jsonl")
         if median is not None:
             timing["train_step_seconds_median"] = median
-            timing_file.write_text(json.dumps(timing, indent=2))
+        timing_file.write_text(json.dumps(timing, indent=2))  # before generation, so a killed run reuses training
         # The median optimizer-step time (from the loss log; step 1 and checkpoint writes excluded) is the figure
         # compared across methods: SFT and FlyThinker see the same windows in the same order, and a median is not
         # moved by a burst of load from another process. The wall-clock mean stays in timing.json.
@@ -162,8 +161,8 @@ def median_step_seconds(log_path: Path) -> float | None:
 
 
 def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
-                     data: DataConfig, example: Example, out_dir: str | Path, new_tokens: int = 32, runs: int = 3,
-                     log=print) -> None:
+                     data: DataConfig, example: Example, out_dir: str | Path, tokenizer: Any, new_tokens: int = 32,
+                     runs: int = 3, log=print) -> None:
     """Time every method's decoding together, interleaved round-robin (run 1 of each method, then run 2, ...), on
     the same example with each method's own prompt, and overwrite each result's decode_ms_per_token.
 
@@ -178,10 +177,10 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
     if not all(r.name in saved.get("ms_per_token", {}) for r in results):
         configs, prompts = [], []
         for spec, res in zip(specs, results):
-            model, tok = load_method_model(spec, model_args)
-            if spec.trained:
-                model = FlyThinker.from_pretrained(res.predictions.parent / "train" / "final", load_tokenizer=False)
-            ids = encode_example(example, tok, method_data_config(spec, data), with_response=False)["prompt_ids"]
+            model = (FlyThinker.from_pretrained(res.predictions.parent / "train" / "final", load_tokenizer=False)
+                     if spec.trained else load_method_model(spec, model_args)[0])
+            ids = encode_example(example, tokenizer, method_data_config(spec, data),
+                                 with_response=False)["prompt_ids"]
             configs.append((model.eval(), None, {}))
             prompts.append(torch.tensor([ids]))
         log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")

@@ -320,7 +320,7 @@ class FlyThinker(nn.Module):
             self.tokenizer.save_pretrained(path / "generator")
         if self.reasoner is not None:
             _save_lm(self.reasoner, path / "reasoner", safe_serialization)
-        calibrated = self.reasoner is not None and self.calibrated
+        calibrated = self.calibrated
         meta = {"flythinker": self.config.to_dict(), "has_reasoner": self.reasoner is not None,
                 "has_projection": self.projection is not None, "calibrated": calibrated, "format_version": 1}
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")

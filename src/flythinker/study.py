@@ -14,10 +14,11 @@ import argparse
 import dataclasses
 import json
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import add_dataclass_args, build_config, to_dict
+from .config import Normalize, add_dataclass_args, build_config, to_dict
 from .data import DataConfig
 from .predict import DecodeOptions
 from .train import ModelArgs, TrainArgs
@@ -43,9 +44,10 @@ class AblationConfig:
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.normalize if m not in ("center", "standardize")]
+        valid = [m for m in typing.get_args(Normalize) if m != "none"]
+        bad = [m for m in self.normalize if m not in valid]
         if bad:
-            raise UserError(f"ablation.normalize: unknown variant(s) {', '.join(bad)}; valid: center, standardize")
+            raise UserError(f"ablation.normalize: unknown variant(s) {', '.join(bad)}; valid: {', '.join(valid)}")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             specs.append(spec)
             results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
                                       cfg.decode, out / split, progress=cfg.train.progress, log=log))
-        remeasure_decode(results, specs, cfg.model, cfg.data_cfg, dev[0], out / split, log=log)
+        remeasure_decode(results, specs, cfg.model, cfg.data_cfg, dev[0], out / split, tok, log=log)
         base = "SFT" if "sft" in cfg.methods else DISPLAY[cfg.methods[0]]
         rep = run_evaluation([r.predictions for r in results], out / split / "eval",
                              EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
