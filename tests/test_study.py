@@ -54,6 +54,36 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
     md = (out / "summary.md").read_text()
     assert "## user split" in md and "## Ablations" in md and "train s/step" in md
 
+    # Re-run with a variant added: finished methods are reused (not retrained), the variant is trained with its
+    # override and gets the full treatment (CI against SFT, decode re-timed with every method).
+    sft_weights = (out / "user" / "SFT" / "train" / "final" / "generator" / "model.safetensors").stat().st_mtime_ns
+    cfg.write_text(cfg.read_text() + "variants: [{name: FT-std, normalize: standardize}]\n")
+    capsys.readouterr()
+    assert main(["study", "--config", str(cfg), "--train.progress", "false"]) == 0
+    log = capsys.readouterr().out
+    assert "[SFT] reusing trained model" in log and "[FlyThinker] reusing trained model" in log
+    assert "[FT-std] training on 4 examples" in log
+    assert (out / "user" / "SFT" / "train" / "final" / "generator" / "model.safetensors").stat().st_mtime_ns \
+        == sft_weights
+    summary = json.loads((out / "summary.json").read_text())
+    for split in ("user", "temporal"):
+        s = summary["splits"][split]
+        assert "FT-std" in s["metrics"]
+        comps = s["comparisons"]  # compared against SFT (tiny models may write only empty text: then "skipped")
+        assert "FT-std" in {**comps["vs_baseline"], **comps.get("skipped", {})}
+        assert len(json.loads((out / split / "decode_timing.json").read_text())["ms_per_token"]) == 5
+        variant = FlyThinker.from_pretrained(out / split / "FT-std" / "train" / "final")
+        assert variant.config.normalize == "standardize" and variant.calibrated
+    assert "| FT-std |" in (out / "summary.md").read_text()
+
+
+def test_study_rejects_a_variant_named_like_a_method(tmp_path, capsys):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"data_root: {tmp_path}\nvariants: [{{name: SFT, lam: 0.2}}]\n")
+    assert main(["study", "--config", str(cfg)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SFT" in err[0] and "twice" in err[0]
+
 
 def test_median_step_seconds_skips_step_one_and_ignores_bursts(tmp_path):
     from flythinker.experiment import median_step_seconds

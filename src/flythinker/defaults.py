@@ -414,6 +414,21 @@ _NONE = {"none", "no", "off", "false", ""}
 _DEFAULT = {"default", "auto"}
 
 
+def load_tokenizer(generator: str | None = None) -> Any:
+    """The tokenizer `load_models(generator, ...)` would return, without loading any weights (for callers that
+    restore trained weights from a checkpoint saved without one)."""
+    if _is_default(generator):
+        return load_default_tokenizer()
+    from transformers import AutoTokenizer
+
+    p = Path(str(generator)).expanduser()
+    try:
+        return _ensure_pad(AutoTokenizer.from_pretrained(str(p) if p.is_dir() else str(generator)))
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--generator {generator}: cannot load its tokenizer ({first})") from None
+
+
 def _is_default(name: str | None) -> bool:
     return name is None or str(name).strip().lower() in _DEFAULT
 
@@ -505,5 +520,5 @@ def load_models(generator: str | None = None, reasoner: str | int | None = None,
 __all__ = [
     "DEFAULT_REASONER_LAYERS", "DEFAULT_SPEC", "DefaultModelSpec", "cache_problem", "cache_root",
     "default_cache_dir", "default_generator_path", "default_reasoner_layers", "load_default_models",
-    "load_default_tokenizer", "load_models", "locate_gguf",
+    "load_default_tokenizer", "load_models", "load_tokenizer", "locate_gguf",
 ]

@@ -108,15 +108,20 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     timing_file = folder / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
-    model, tok = load_method_model(spec, model_args)
+    targs = dataclasses.replace(train, out_dir=str(folder / "train"), progress=progress)
+    final = Path(targs.out_dir) / "final"
+    reuse = spec.trained and (final / "flythinker.json").is_file() and "train_s_per_step" in timing
+    if reuse:  # a finished training: restore it without first building the fresh models it replaces
+        from .defaults import load_tokenizer
+
+        log(f"[{spec.name}] reusing trained model {final}")
+        tok = load_tokenizer(model_args.generator)
+        model = FlyThinker.from_pretrained(final, load_tokenizer=False)
+        model.tokenizer = tok
+    else:
+        model, tok = load_method_model(spec, model_args)
     if spec.trained:
-        targs = dataclasses.replace(train, out_dir=str(folder / "train"), progress=progress)
-        final = Path(targs.out_dir) / "final"
-        if (final / "flythinker.json").is_file() and "train_s_per_step" in timing:
-            log(f"[{spec.name}] reusing trained model {final}")
-            model = FlyThinker.from_pretrained(final, load_tokenizer=False)
-            model.tokenizer = tok
-        else:
+        if not reuse:
             targs.resume = True  # continues from a step-N checkpoint if an earlier run was killed
             feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
             log(f"[{spec.name}] training on {len(feats)} examples")

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Normalize, add_dataclass_args, build_config, to_dict
+from .config import Normalize, Scope, add_dataclass_args, build_config, to_dict
 from .data import DataConfig
 from .predict import DecodeOptions
 from .train import ModelArgs, TrainArgs
@@ -51,6 +51,29 @@ class AblationConfig:
 
 
 @dataclass
+class VariantConfig:
+    """An extra FlyThinker row in the main comparison, trained on the same budget with some settings overridden
+    (a candidate fix under test gets the full evaluation: metrics, CIs against SFT, segments, efficiency)."""
+
+    name: str
+    """Display name (table row and folder name); must differ from the methods' names."""
+    lam: float | None = None
+    """λ (None = model.lam)."""
+    scope: Scope | None = None
+    """Fusion scope (None = model.scope)."""
+    reasoner: str | None = None
+    """Reasoner (None = model.reasoner)."""
+    normalize: Normalize | None = None
+    """FlyThinkerConfig.normalize (None = model.normalize)."""
+
+    def spec(self):
+        from .experiment import MethodSpec
+
+        return MethodSpec(self.name, "flythinker", lam=self.lam, scope=self.scope, reasoner=self.reasoner,
+                          normalize=self.normalize)
+
+
+@dataclass
 class StudyConfig:
     """`flythinker study` configuration (see configs/commits_study.yaml)."""
 
@@ -59,6 +82,8 @@ class StudyConfig:
     out: str = "results/commits"
     splits: list[str] = field(default_factory=lambda: ["user", "temporal"])
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    variants: list[VariantConfig] = field(default_factory=list)
+    """Extra FlyThinker rows with overridden settings (see VariantConfig); empty by default."""
     train_examples: int = 400
     """Training examples per split (first N of a seeded shuffle of train)."""
     eval_examples: int = 100
@@ -75,6 +100,11 @@ class StudyConfig:
         bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
             raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}")
+        names = [DISPLAY[m] for m in self.methods] + [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"variants: name(s) {', '.join(dup)} used twice (methods are named "
+                            f"{', '.join(DISPLAY.values())})")
 
 
 def _split_files(root: Path, split: str) -> tuple[Path, Path]:
@@ -118,8 +148,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         dev = _sample(load_examples(dev_file), cfg.eval_examples, cfg.seed)
         log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
         results, specs = [], []
-        for kind in cfg.methods:
-            spec = MethodSpec(DISPLAY[kind], kind)  # type: ignore[arg-type]
+        for spec in [MethodSpec(DISPLAY[k], k) for k in cfg.methods] + [v.spec() for v in cfg.variants]:
             specs.append(spec)
             results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
                                       cfg.decode, out / split, progress=cfg.train.progress, log=log))
@@ -198,10 +227,9 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
 
 
 def _tokenizer(model: ModelArgs):
-    from .defaults import load_models
+    from .defaults import load_tokenizer
 
-    _, _, tok = load_models(model.generator, "none")
-    return tok
+    return load_tokenizer(model.generator)
 
 
 def _write(out: Path, summary: dict, metrics) -> None:
