@@ -25,7 +25,8 @@ model: {{generator: {gen_dir}, reasoner: "1"}}
 data_cfg: {{k: 1, profile_tokens: 48, query_tokens: 32, target_tokens: 32}}
 train: {{batch_size: 2, grad_accum: 1, progress: false, lr_generator: 1.0e-3, lr_reasoner: 1.0e-3}}
 decode: {{max_new_tokens: 6, batch_size: 4}}
-ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_examples: 2, eval_examples: 2, max_new_tokens: 4}}
+ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], scopes: [output], lr_reasoners: [0.0],
+           train_examples: 2, eval_examples: 2, max_new_tokens: 4}}
 """)
     assert main(["study", "--config", str(cfg), "--train.progress", "false"]) == 0
     out = tmp_path / "out"
@@ -43,7 +44,7 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
         assert {m: eff[m]["decode_ms_per_token"] for m in timed} == timed and len(timed) == 4
     # non-personalized prompts carry no history; RAG prompts do (same Generator, no training)
     names = [r["name"] for r in summary["ablations"]["rows"]]
-    assert names == ["lam=2", "layers=2", "normalize=center", "SFT"]
+    assert names == ["lam=2", "layers=2", "normalize=center", "scope=output", "lr_reasoner=0", "SFT"]
     assert all(r["dev_nll"] > 0 and r["init_dev_nll"] > 0 for r in summary["ablations"]["rows"])
     cached = json.loads((out / "ablations" / "SFT" / "dev_nll.json").read_text())  # a re-run reuses these
     assert cached["dev_nll"] == next(r["dev_nll"] for r in summary["ablations"]["rows"] if r["name"] == "SFT")
@@ -51,6 +52,18 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], train_exampl
 
     trained = FlyThinker.from_pretrained(out / "ablations" / "normalize_center" / "train" / "final")
     assert trained.config.normalize == "center" and trained.calibrated
+    assert FlyThinker.from_pretrained(out / "ablations" / "scope_output" / "train" / "final").config.scope == "output"
+    # lr_reasoner 0: the Reasoner's weights stay those of the untrained cut (the Generator's first layer)
+    frozen = FlyThinker.from_pretrained(out / "ablations" / "lr_reasoner_0" / "train" / "final")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(gen_dir)
+    r_sd, g_sd = frozen.reasoner.state_dict(), base.state_dict()
+    assert len(set(r_sd) & set(g_sd)) > 2
+    assert all(torch.equal(v, g_sd[k]) for k, v in r_sd.items() if k in g_sd)
+    moved = FlyThinker.from_pretrained(out / "ablations" / "lam_2" / "train" / "final").reasoner.state_dict()
+    assert not all(torch.equal(v, g_sd[k]) for k, v in moved.items() if k in g_sd)
     md = (out / "summary.md").read_text()
     assert "## user split" in md and "## Ablations" in md and "train s/step" in md
 

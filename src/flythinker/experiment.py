@@ -43,6 +43,8 @@ class MethodSpec:
     """Override the Reasoner (an integer k = first k layers; None = the experiment's)."""
     normalize: str | None = None
     """Override FlyThinkerConfig.normalize (None = the experiment's)."""
+    lr_reasoner: float | None = None
+    """Override the Reasoner's learning rate (None = the experiment's TrainArgs.lr_reasoner)."""
 
     @property
     def trained(self) -> bool:
@@ -109,6 +111,8 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
     targs = dataclasses.replace(train, out_dir=str(folder / "train"), progress=progress)
+    if spec.lr_reasoner is not None:
+        targs.lr_reasoner = spec.lr_reasoner
     final = Path(targs.out_dir) / "final"
     reuse = spec.trained and (final / "flythinker.json").is_file() and "train_s_per_step" in timing
     if reuse:  # a finished training: restore it without first building the fresh models it replaces

@@ -39,6 +39,10 @@ class AblationConfig:
     """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); empty disables."""
     normalize: list[str] = field(default_factory=list)
     """FlyThinkerConfig.normalize variants (center, standardize) at the experiment's λ; not in the paper."""
+    scopes: list[Scope] = field(default_factory=list)
+    """Fusion scopes other than the experiment's (input, output: the paper's Table 3 ablation); empty disables."""
+    lr_reasoners: list[float] = field(default_factory=list)
+    """Reasoner learning rates other than train.lr_reasoner (the Generator's stays); empty disables."""
     train_examples: int = 120
     eval_examples: int = 24
     max_new_tokens: int = 128
@@ -150,8 +154,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         results, specs = [], []
         for spec in [MethodSpec(DISPLAY[k], k) for k in cfg.methods] + [v.spec() for v in cfg.variants]:
             specs.append(spec)
-            results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg, dataclasses.replace(cfg.train, seed=cfg.seed),
-                                      cfg.decode, out / split, progress=cfg.train.progress, log=log))
+            results.append(run_method(spec, train, dev, cfg.model, cfg.data_cfg,
+                                      dataclasses.replace(cfg.train, seed=cfg.seed), cfg.decode, out / split,
+                                      progress=cfg.train.progress, log=log))
         remeasure_decode(results, specs, cfg.model, cfg.data_cfg, dev[0], out / split, tok, log=log)
         base = "SFT" if "sft" in cfg.methods else DISPLAY[cfg.methods[0]]
         rep = run_evaluation([r.predictions for r in results], out / split / "eval",
@@ -163,7 +168,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         _write(out, summary, metrics)
 
     ab = cfg.ablation
-    if ab.lams or ab.reasoner_layers or ab.normalize:
+    if ab.lams or ab.reasoner_layers or ab.normalize or ab.scopes or ab.lr_reasoners:
         summary["ablations"] = run_ablations(cfg, metrics, tok, log)
         _write(out, summary, metrics)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -192,6 +197,9 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
                for k in ab.reasoner_layers]
     points += [("normalize", mode, MethodSpec(f"normalize={mode}", "flythinker", normalize=mode))
                for mode in ab.normalize]
+    points += [("scope", scope, MethodSpec(f"scope={scope}", "flythinker", scope=scope)) for scope in ab.scopes]
+    points += [("lr_reasoner", lr, MethodSpec(f"lr_reasoner={lr:g}", "flythinker", lr_reasoner=lr))
+               for lr in ab.lr_reasoners]
     points.append(("sft", None, MethodSpec("SFT", "sft")))
     rows = []
     for axis, value, spec in points:
