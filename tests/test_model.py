@@ -293,3 +293,33 @@ def test_save_load_keeps_calibration(tmp_path, gen_reasoner):
     ids, mask, labels = _batch()
     with torch.no_grad():
         assert torch.equal(model(ids, mask, labels).logits, loaded(ids, mask, labels).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cache_keyword_follows_the_forward_signature(arch):
+    """transformers 5.24 renamed the KV-cache keyword (`past_key_values` -> `cache`, the old one removed in 5.40):
+    the keyword is read from each class's signature, so both kinds of model get the one they accept."""
+    from types import SimpleNamespace
+
+    from flythinker.model import cache_kwargs, output_cache
+
+    class OldLM(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class NewLM(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return input_ids
+
+    sentinel = object()
+    assert cache_kwargs(OldLM(), sentinel) == {"past_key_values": sentinel}
+    assert cache_kwargs(NewLM(), sentinel) == {"cache": sentinel}
+    assert output_cache(SimpleNamespace(cache=sentinel)) is sentinel
+    assert output_cache(SimpleNamespace(past_key_values=sentinel)) is sentinel
+    # the installed transformers: whichever keyword it takes, a real cache goes through and comes back filled
+    from transformers import DynamicCache
+
+    lm = tiny_lm(arch)
+    cache = DynamicCache(config=lm.config)
+    out = lm(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **cache_kwargs(lm, cache))
+    assert output_cache(out) is cache and cache.get_seq_length() == 3

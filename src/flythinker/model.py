@@ -10,6 +10,8 @@ The decode engine (`flythinker.generation`) calls these same functions; there is
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -70,6 +72,26 @@ def _base_model(lm: nn.Module) -> nn.Module:
     if base is None:
         raise TypeError(f"cannot find the decoder stack of {type(lm).__name__}")
     return base
+
+
+def cache_kwargs(lm: nn.Module, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for an HF forward call, where name is the KV-cache keyword `lm.forward` takes: `cache` from
+    transformers 5.24 on (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before.
+    Read from the signature of the unwrapped (non-PEFT) class, once per class."""
+    base = lm.get_base_model() if callable(getattr(lm, "get_base_model", None)) else lm
+    return {_cache_keyword(type(base)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache an HF forward returned (`cache` from transformers 5.24 on, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _embedding_rows(lm: nn.Module) -> int:
@@ -141,10 +163,10 @@ class FlyThinker(nn.Module):
         assert self.reasoner is not None
         if attention_mask is not None and position_ids is None and past_key_values is None:
             attention_mask, position_ids = _hf_mask_args(attention_mask)
-        out = _base_model(self.reasoner)(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=past_key_values,
-                                         use_cache=use_cache)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        base = _base_model(self.reasoner)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=use_cache, **cache_kwargs(base, past_key_values))
+        return out.last_hidden_state, (output_cache(out) if use_cache else None)
 
     @staticmethod
     def shift_states(states: torch.Tensor) -> torch.Tensor:

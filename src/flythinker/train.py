@@ -153,7 +153,11 @@ def build_model(generator: nn.Module, reasoner: nn.Module | None, args: ModelArg
     if args.gradient_checkpointing:
         for lm in (generator, reasoner):
             if lm is not None:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # transformers 5.x renamed the API (the old name warns, and goes in v6); older releases lack the new one.
+                if hasattr(lm, "activation_checkpointing_enable"):
+                    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 lm.config.use_cache = False
     return FlyThinker(generator, reasoner, args.fusion_config(), tokenizer=tokenizer)
 
