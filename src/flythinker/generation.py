@@ -463,9 +463,10 @@ class _Session:
         model, ids = self.model, self.ids
         mask = self.mask[:, : self.T]
         self.g_cache = self._new_cache(model.generator)
+        self.g_kw = cache_kwargs(model.generator, self.g_cache)  # {keyword: G's cache}, looked up once per session
         if not self.fusion:
             out = model.generator(input_ids=ids, attention_mask=mask, position_ids=self.prompt_pos,
-                                  **cache_kwargs(model.generator, self.g_cache), use_cache=True, **self.keep_logits)
+                                  **self.g_kw, use_cache=True, **self.keep_logits)
             return out.logits[:, -1].float()
         ids_r, pos_r = ids.to(self.r_dev), self.prompt_pos.to(self.r_dev)
         self.r_cache = self._new_cache(model.reasoner)
@@ -477,7 +478,7 @@ class _Session:
         zeros = torch.zeros_like(ids, dtype=torch.bool)
         embeds, _ = model.fused_embeddings(ids, mask, response_mask=zeros, reasoner_states=states)  # (B, T, H_G)
         out = model.generator(inputs_embeds=embeds, attention_mask=mask, position_ids=self.prompt_pos,
-                              **cache_kwargs(model.generator, self.g_cache), use_cache=True, **self.keep_logits)
+                              **self.g_kw, use_cache=True, **self.keep_logits)
         self.r_prev = states[:, -1:]                     # (B, 1, H_R): r at the last prompt position (left padding)
         # Constant across steps: one vocabulary-wide norm, and the fusion mask of a generated token (a response
         # position whose predecessor is real), both computed once instead of per step.
@@ -501,7 +502,7 @@ class _Session:
         mask_g, pos_g = self.mask[:, :cols], self.step_pos[:, self.t - 1: self.t]
         if not self.fusion:
             out = model.generator(input_ids=y, attention_mask=mask_g, position_ids=pos_g,
-                                  **cache_kwargs(model.generator, self.g_cache), use_cache=True)
+                                  **self.g_kw, use_cache=True)
             return out.logits[:, -1].float()
         y_r = y.to(self.r_dev, non_blocking=True)
         mask_r, pos_r = self.mask_r[:, :cols], self.step_pos_r[:, self.t - 1: self.t]
@@ -511,7 +512,7 @@ class _Session:
             emb = model.generator.get_input_embeddings()(y)                                 # (B, 1, H_G)
             emb = model.fuse(emb, r_prev, self.step_fusion, emb_norm=self.emb_norm)         # e(y_t) + λ·r_{t-1}
             out = model.generator(inputs_embeds=emb, attention_mask=mask_g, position_ids=pos_g,
-                                  **cache_kwargs(model.generator, self.g_cache), use_cache=True)
+                                  **self.g_kw, use_cache=True)
             return out.logits[:, -1].float()                                                # (B, V)
 
         r_call = _Call(lambda: model.reason(y_r, mask_r, position_ids=pos_r, past_key_values=self.r_cache,
