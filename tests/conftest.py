@@ -24,7 +24,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from flythinker.tiny import tiny_tokenizer
+    from flythinker.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -32,7 +32,7 @@ def tokenizer():
 @pytest.fixture
 def gen_reasoner():
     """A Llama Generator (width 32) and a Llama Reasoner (width 32), both random, different seeds."""
-    from flythinker.tiny import tiny_lm
+    from flythinker.testing import tiny_lm
 
     return tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1)
 

@@ -3,8 +3,9 @@
 Public API only; importing this package has no side effects (no thread, device or logging changes).
 """
 
-from .config import FlyThinkerConfig
-from .model import FlyThinker, FlyThinkerOutput, truncated_reasoner
+from .methods.flythinker.config import FlyThinkerConfig
+from .methods.flythinker.model import FlyThinker, FlyThinkerOutput
+from .models import truncated_reasoner
 
 __all__ = ["FlyThinker", "FlyThinkerConfig", "FlyThinkerOutput", "truncated_reasoner"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Typed configuration: the model's `FlyThinkerConfig` and the YAML/flag machinery every CLI verb uses.
+"""The one configuration mechanism every verb uses: typed dataclasses <-> YAML <-> dotted flags.
 
 Each verb's options are one (possibly nested) dataclass. `add_dataclass_args` turns it into argparse flags
 (`--train.lr 1e-4`), `build_config` layers defaults < YAML file < flags, and unknown YAML keys are an error
@@ -12,54 +12,12 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-Scope = Literal["global", "input", "output"]
-WidthMode = Literal["project", "pad"]
-Normalize = Literal["none", "center", "standardize"]
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
-
-
-@dataclass
-class FlyThinkerConfig:
-    """How the Reasoner's latent states are fused into the Generator (paper Eq. 6, Appendix G)."""
-
-    lam: float = 0.5
-    """λ, the strength of the latent reasoning signal (paper default 0.5)."""
-    scope: Scope = "global"
-    """Where r is added: all positions ("global", the paper's), prompt only ("input"), response only ("output")."""
-    rescale: bool = True
-    """Rescale each r_{i-1} to the mean L2 norm of the Generator's embedding rows before adding (official code)."""
-    width_mode: WidthMode = "project"
-    """When d_R != d_G: "project" = learned linear map initialised to the zero-padded add; "pad" = fixed zero-pad."""
-    normalize: Normalize = "none"
-    """Before the rescale, shift ("center") or shift and scale per dimension ("standardize") r by the untrained
-    Reasoner's own mean / std over training tokens (`FlyThinker.calibrate`; the trainer does it; saved with the
-    model). Not in the paper: R's final-layer states share one large common direction and a few massive dimensions,
-    so rescaled they act as a near-constant, out-of-distribution offset on every embedding (docs/results.md)."""
-
-    def __post_init__(self) -> None:
-        if self.scope not in ("global", "input", "output"):
-            raise ConfigError(f"scope must be one of global, input, output; got {self.scope!r}")
-        if self.width_mode not in ("project", "pad"):
-            raise ConfigError(f"width_mode must be 'project' or 'pad'; got {self.width_mode!r}")
-        if self.normalize not in typing.get_args(Normalize):
-            raise ConfigError(f"normalize must be one of {', '.join(typing.get_args(Normalize))}; "
-                              f"got {self.normalize!r}")
-        if self.lam < 0:
-            raise ConfigError(f"lam must be >= 0; got {self.lam}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FlyThinkerConfig":
-        return from_dict(cls, d, where="flythinker config")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,8 +140,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         doc = _field_doc(cls, f.name)
+        flags = [f"--{name}"]
+        if "_" in f.name:  # --train.lr_generator and --train.lr-generator both work
+            flags.append(f"--{prefix}{f.name.replace('_', '-')}")
         parser.add_argument(
-            f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+            *flags, dest=name, default=argparse.SUPPRESS, metavar=f.name.upper(),
             help=f"{doc} (default: {default!r})" if doc else f"(default: {default!r})",
         )
 
@@ -218,14 +179,25 @@ def _set_nested(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def build_config(cls: type, args: argparse.Namespace, config_path: str | None = None) -> Any:
-    """defaults < YAML (`config_path`) < flags. Flags are the dotted names `add_dataclass_args` created."""
-    data: dict[str, Any] = load_yaml(config_path) if config_path else {}
+def build_config(cls: type, args: argparse.Namespace, config_path: str | None = None, base: Any = None) -> Any:
+    """defaults (or the dataclass instance `base`, e.g. a preset) < YAML (`config_path`) < flags, merged key by key
+    so each layer overrides exactly what it names. Flags are the dotted names `add_dataclass_args` created."""
+    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    if config_path:
+        _merge(data, load_yaml(config_path))
     field_names = _flag_names(cls)
     for name, value in vars(args).items():
         if name in field_names:
             _set_nested(data, name, value)
     return from_dict(cls, data, where=str(config_path) if config_path else "flags")
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _flag_names(cls: type, prefix: str = "") -> set[str]:
@@ -238,11 +210,24 @@ def _flag_names(cls: type, prefix: str = "") -> set[str]:
     return out
 
 
+def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "overrides") -> Any:
+    """A copy of dataclass `obj` with dotted-key `overrides` applied ({"fusion.lam": 0.2}), coerced and checked as
+    a YAML value would be; an unknown key is a ConfigError naming it."""
+    data = to_dict(obj)
+    for dotted, value in overrides.items():
+        node, parts = data, dotted.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{where}: unknown key {dotted!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"{where}: unknown key {dotted!r}")
+        node[parts[-1]] = value
+    return from_dict(type(obj), data, where=where)
+
+
 def dump_json(obj: Any) -> str:
     return json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, indent=2, sort_keys=True)
 
 
-__all__ = [
-    "ConfigError", "FlyThinkerConfig", "Scope", "WidthMode", "add_dataclass_args", "build_config", "from_dict",
-    "load_yaml", "to_dict", "dump_json", "field",
-]
+__all__ = ["ConfigError", "add_dataclass_args", "apply_overrides", "build_config", "dump_json", "from_dict", "load_yaml", "to_dict"]

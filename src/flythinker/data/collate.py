@@ -48,10 +48,12 @@ def encode_prompt(prompt: str, tokenizer: Any, cfg: DataConfig) -> list[int]:
     return ids
 
 
-def encode_example(example: Example, tokenizer: Any, cfg: DataConfig, with_response: bool = True) -> dict:
+def encode_example(example: Example, tokenizer: Any, cfg: DataConfig, with_response: bool = True,
+                   store: Any = None) -> dict:
     """{"prompt_ids": list[int], "response_ids": list[int]}; the response is the target cut to
-    cfg.target_tokens (sentence boundaries) plus EOS, or [] when with_response is False."""
-    prompt_ids = encode_prompt(build_prompt(example, tokenizer, cfg), tokenizer, cfg)
+    cfg.target_tokens (sentence boundaries) plus EOS, or [] when with_response is False. `store`: where the
+    user's history comes from (a `flythinker.data.store.ProfileStore`; default: the example's own profile)."""
+    prompt_ids = encode_prompt(build_prompt(example, tokenizer, cfg, store=store), tokenizer, cfg)
     response_ids: list[int] = []
     if with_response:
         target = truncate_to_tokens(example.output, tokenizer, cfg.target_tokens)
@@ -60,39 +62,43 @@ def encode_example(example: Example, tokenizer: Any, cfg: DataConfig, with_respo
 
 
 def collate(features: Sequence[dict], pad_token_id: int, padding_side: str | None = None) -> dict[str, torch.Tensor]:
-    """Pad encoded features into a batch.
+    """Pad encoded features into a batch: the one collator of training, validation and generation.
 
     Args:
-        features: dicts with "prompt_ids" and optionally "response_ids" (other keys are ignored).
+        features: dicts with "prompt_ids" and optionally "response_ids" (as `encode_example` makes), or with
+            "input_ids" and "labels" (aligned lists, -100 where unsupervised); other keys are ignored.
         pad_token_id: id placed in padded input positions.
         padding_side: "right" or "left"; None = "left" when no feature has a response (generation), else "right".
 
-    Returns LongTensors of shape (B, T): input_ids (prompt + response), attention_mask (1 on real tokens),
-    labels (response ids; -100 on prompt and padding), response_mask (1 on response tokens).
+    Returns LongTensors of shape (B, T): input_ids, attention_mask (1 on real tokens), labels (-100 on prompt and
+    padding), response_mask (1 on supervised tokens).
     """
     if not features:
         raise ValueError("collate needs at least one feature")
-    rows = [(list(f["prompt_ids"]), list(f["response_ids"]) if f.get("response_ids") is not None else [])
-            for f in features]
+    rows = []  # (ids, labels) per feature
+    for f in features:
+        if "prompt_ids" in f:
+            p = list(f["prompt_ids"])
+            r = list(f["response_ids"]) if f.get("response_ids") is not None else []
+            rows.append((p + r, [IGNORE_INDEX] * len(p) + r))
+        else:
+            rows.append((list(f["input_ids"]), list(f["labels"])))
     if padding_side is None:
-        padding_side = "right" if any(r for _, r in rows) else "left"
+        padding_side = "right" if any(any(y != IGNORE_INDEX for y in lab) for _, lab in rows) else "left"
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
-    B, T = len(rows), max(len(p) + len(r) for p, r in rows)
+    B, T = len(rows), max(len(ids) for ids, _ in rows)
     input_ids = torch.full((B, T), int(pad_token_id), dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
-    response_mask = torch.zeros((B, T), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
+    for i, (x, y) in enumerate(rows):
+        n = len(x)
         start = T - n if padding_side == "left" else 0
-        input_ids[i, start:start + n] = torch.tensor(p + r, dtype=torch.long)
+        input_ids[i, start:start + n] = torch.tensor(x, dtype=torch.long)
         attention_mask[i, start:start + n] = 1
-        if r:
-            labels[i, start + len(p):start + n] = torch.tensor(r, dtype=torch.long)
-            response_mask[i, start + len(p):start + n] = 1
+        labels[i, start:start + n] = torch.tensor(y, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "response_mask": response_mask}
+            "response_mask": (labels != IGNORE_INDEX).long()}
 
 
 class PersonalizedDataset(Dataset):

@@ -90,10 +90,11 @@ def render_profile(items: list[dict[str, Any]], task: str, tokenizer: Any, cfg: 
     return [r for r in out if r.strip()]
 
 
-def user_message(example: Example, tokenizer: Any, cfg: DataConfig) -> str:
-    """The user turn: selected history (under its budget) then the query (under its budget)."""
+def user_message(example: Example, tokenizer: Any, cfg: DataConfig, store: Any = None) -> str:
+    """The user turn: selected history (under its budget) then the query (under its budget). `store`: a
+    ProfileStore (default: the example's inline profile)."""
     task = resolve_task(cfg, example)
-    items = select_profile(example, task, cfg.retrieval, cfg.k, cfg.seed)
+    items = select_profile(example, task, cfg.retrieval, cfg.k, cfg.seed, store=store)
     history = render_profile(items, task, tokenizer, cfg) if items else []
     query = truncate_to_tokens(example.input, tokenizer, cfg.query_tokens)
     if not history:
@@ -121,9 +122,9 @@ def format_prompt(user: str, tokenizer: Any, cfg: DataConfig) -> str:
     return (f"{system}\n\n" if system else "") + f"{user}\n\nResponse:\n"
 
 
-def build_prompt(example: Example, tokenizer: Any, cfg: DataConfig) -> str:
+def build_prompt(example: Example, tokenizer: Any, cfg: DataConfig, store: Any = None) -> str:
     """The full prompt text for `example` (ends where the response starts)."""
-    return format_prompt(user_message(example, tokenizer, cfg), tokenizer, cfg)
+    return format_prompt(user_message(example, tokenizer, cfg, store=store), tokenizer, cfg)
 
 
 __all__ = ["HISTORY_HEADERS", "build_prompt", "format_prompt", "has_chat_template", "item_label", "render_item",

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from .schema import Example, item_text, item_title
+from .store import INLINE, ProfileStore
 
 _FLAGS = re.DOTALL | re.IGNORECASE
 _REVIEW_DESC = re.compile(r'description\s*:?\s*"(.*?)"\s*\.?\s*(?:The summary|$)', _FLAGS)
@@ -91,14 +92,14 @@ def _example_rng(seed: int, example_id: str) -> random.Random:
 
 
 def select_profile(example: Example, task: str, retrieval: str = "bm25", k: int = 2,
-                   seed: int = 0) -> list[dict[str, Any]]:
-    """The profile items to show, in prompt order.
+                   seed: int = 0, store: ProfileStore | None = None) -> list[dict[str, Any]]:
+    """The profile items to show, in prompt order, from `store` (default: the example's inline profile).
 
     bm25: highest score first, ties in profile order; recency: the first k of the newest-first profile;
     random: k items drawn with a per-example seeded RNG, shown in profile order; all: the whole profile;
     none (or k == 0): nothing.
     """
-    profile = example.profile
+    profile = (store or INLINE).profile(example)
     if retrieval == "none" or not profile:
         return []
     if retrieval == "all":

@@ -1,0 +1,51 @@
+"""`flythinker bench decode|train`: the benchmarks (flythinker.experiments.bench_decode / bench_train). Each prints a
+readable table and ends with one JSON line; both take `--config YAML` and flags like every verb."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import add_dataclass_args, build_config
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    from ..experiments.bench_decode import DecodeBenchConfig
+    from ..experiments.bench_train import TrainBenchConfig
+
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    d = sub.add_parser(
+        "decode", help="ms per new token: SFT vs FlyThinker sequential vs concurrent",
+        description="Decode latency of the Generator alone (SFT), FlyThinker sequential and FlyThinker with the "
+                    "Reasoner running concurrently, at each batch size, per device and on the same machine.")
+    d.add_argument("--config", help="YAML with the settings below (flags override it)")
+    add_dataclass_args(d, DecodeBenchConfig)
+    d.set_defaults(func=_decode, config_cls=DecodeBenchConfig)
+    t = sub.add_parser("train", help="seconds per training step: SFT vs FlyThinker",
+                       description="Seconds per optimizer step of SFT and FlyThinker on the same batch.")
+    t.add_argument("--config", help="YAML with the settings below (flags override it)")
+    add_dataclass_args(t, TrainBenchConfig)
+    t.set_defaults(func=_train, config_cls=TrainBenchConfig)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from ..experiments.bench_decode import run_decode
+    from .main import print_json_line
+
+    print_json_line(run_decode(build_config(args.config_cls, args, args.config)))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..experiments.bench_train import run
+    from ..utils import set_threads
+    from .main import print_json_line
+
+    cfg = build_config(args.config_cls, args, args.config)
+    threads = set_threads(cfg.threads or None)
+    res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads)
+    print(f"{'method':<12}{'s/step':>10}")
+    print(f"{'sft':<12}{res['sft_s_per_step']:>10.3f}")
+    print(f"{'flythinker':<12}{res['flythinker_s_per_step']:>10.3f}")
+    print(f"ratio {res['ratio_flythinker_over_sft']:.3f} (flop ratio {res['flop_ratio']:.3f})")
+    print_json_line(res)
+    return 0

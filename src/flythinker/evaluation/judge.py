@@ -1,0 +1,190 @@
+"""Optional LLM judge (paper Appendix K, rubric of Figure 9, scores normalised as in Table 5).
+
+Owns: the rubric prompt, the call to any OpenAI-compatible chat endpoint (POST {url}/chat/completions, stdlib
+urllib only, timeouts and bounded retries), parsing the 1-5 score, and normalisation to 0-1.
+
+Normalisation: Table 5 reports 0-1 numbers for a 1-5 rubric without saying how they were mapped. We use min-max,
+(s - 1) / 4, which sends the rubric's range exactly onto [0, 1] (1 -> 0, 5 -> 1); s / 5 (1 -> 0.2) is available as
+`normalise="div5"`. The raw 1-5 mean is always reported too, so either convention can be recovered.
+The reply must be a score only; we take the first integer 1-5 in it. A reply with none counts as unparsed (NaN,
+reported), not as an error; a failing endpoint (HTTP error, refused connection, timeout after retries) is a
+UserError naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..utils import UserError
+
+Normalise = Literal["minmax", "div5"]
+
+# Figure 9 of the paper, verbatim in content; the three placeholders are filled per example.
+RUBRIC = """You are an impartial evaluator tasked with assessing how well an LLM-generated response reflects the \
+user's personal style, preferences, and key points by comparing it with the user's real response.
+
+[Scoring Criteria]
+[Score 1]: Completely unrelated to the user's real response. Does not follow the instruction or reflect the user's \
+personal thoughts and preferences.
+[Score 2]: Weakly related to the user's real response. May mention the general topic but lacks the user's key \
+content, tone, or insights.
+[Score 3]: Partially matches the user's real response. Includes some ideas from the user, but others are missing, \
+altered significantly, or feel generic.
+[Score 4]: Mostly matches the user's real response. Covers the main points but misses some personal details, tone, \
+or nuances.
+[Score 5]: Very similar to the user's real response. Conveys the user's core ideas, structure, and style with only \
+minor omissions or changes.
+You must assign a score based only on the alignment between the LLM-generated response and the user's real response.
+
+Output the numerical score only — no explanations, no extra text.
+
+[Instruction]: {instruction}
+[User's real response]: {reference}
+[LLM-generated response]: {prediction}
+[Score]:"""
+
+
+@dataclass
+class JudgeConfig:
+    """Where and how to ask the judge."""
+
+    url: str
+    """Base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1); we POST {url}/chat/completions."""
+    model: str
+    """Model name sent in the request (the paper used GPT-4o / GPT-4o-mini)."""
+    api_key_env: str = "FLYTHINKER_JUDGE_API_KEY"
+    """Environment variable holding a bearer token, sent only when set."""
+    timeout: float = 60.0
+    """Seconds per HTTP request."""
+    retries: int = 2
+    """Extra attempts after a timeout, refused connection or 5xx/429 reply (exponential back-off)."""
+    backoff: float = 1.0
+    """First back-off delay in seconds (doubles per retry)."""
+    temperature: float = 0.0
+    max_tokens: int = 8
+    workers: int = 4
+    """Concurrent requests."""
+    normalise: Normalise = "minmax"
+    """"minmax": (s-1)/4 (default); "div5": s/5."""
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise UserError("--judge-url is empty")
+        if not self.model:
+            raise UserError("--judge-model is required with --judge-url")
+        if self.normalise not in ("minmax", "div5"):
+            raise UserError(f"judge normalise must be 'minmax' or 'div5'; got {self.normalise!r}")
+
+
+@dataclass
+class JudgeResult:
+    scores: list[float]
+    """Raw 1-5 score per item (NaN where the reply had no score)."""
+    normalised: list[float]
+    """Per item on 0-1 (NaN where unparsed)."""
+    mean_raw: float
+    mean_normalised: float
+    n: int
+    unparsed: int
+    normalise: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean_raw": self.mean_raw, "mean_normalised": self.mean_normalised, "n": self.n,
+                "unparsed": self.unparsed, "normalise": self.normalise}
+
+
+def build_prompt(instruction: str | None, reference: str, prediction: str) -> str:
+    return RUBRIC.format(instruction=(instruction or "(not available)").strip(), reference=reference.strip(),
+                         prediction=prediction.strip())
+
+
+def parse_score(text: str) -> int | None:
+    """The first standalone integer 1-5 in the reply ("4", "Score: 4", "4/5" -> 4), else None."""
+    m = re.search(r"(?<![\d.])([1-5])(?!\d)(?!\.\d)", text or "")
+    return int(m.group(1)) if m else None
+
+
+def normalise_score(s: float, how: Normalise = "minmax") -> float:
+    if math.isnan(s):
+        return math.nan
+    return (s - 1.0) / 4.0 if how == "minmax" else s / 5.0
+
+
+def chat_completion(cfg: JudgeConfig, prompt: str) -> str:
+    """One chat completion; returns the assistant's text. Retries transient failures, then raises UserError."""
+    endpoint = cfg.url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
+                       "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    last = ""
+    for attempt in range(cfg.retries + 1):
+        if attempt:
+            time.sleep(cfg.backoff * 2 ** (attempt - 1))
+        req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:200].decode("utf-8", "replace").replace("\n", " ")
+            last = f"HTTP {e.code} {e.reason}: {detail}".strip()
+            if e.code == 429 or e.code >= 500:
+                continue
+            break  # 4xx other than 429: retrying will not help (bad model name, bad key, ...)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            last = f"timed out after {cfg.timeout:g}s" if isinstance(reason, TimeoutError) or "timed out" in \
+                str(reason) else f"{type(reason).__name__}: {reason}"
+            continue
+        try:
+            data = json.loads(payload)
+            return str(data["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UserError(f"judge endpoint {endpoint} returned an unexpected reply (not an OpenAI chat "
+                            f"completion): {payload[:200]!r}") from None
+    raise UserError(f"judge endpoint {endpoint} failed after {cfg.retries + 1} attempt(s): {last}")
+
+
+def judge(cfg: JudgeConfig, predictions: Sequence[str], references: Sequence[str],
+          instructions: Sequence[str | None] | None = None) -> JudgeResult:
+    """Score every (prediction, reference) pair with the rubric; returns raw and normalised scores."""
+    if instructions is None:
+        instructions = [None] * len(predictions)
+    prompts = [build_prompt(i, r, p) for p, r, i in zip(predictions, references, instructions)]
+
+    def one(prompt: str) -> float:
+        s = parse_score(chat_completion(cfg, prompt))
+        return float(s) if s is not None else math.nan
+
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        raw = list(pool.map(one, prompts))
+    norm = [normalise_score(s, cfg.normalise) for s in raw]
+    ok = [s for s in raw if not math.isnan(s)]
+    ok_n = [s for s in norm if not math.isnan(s)]
+    return JudgeResult(scores=raw, normalised=norm, mean_raw=sum(ok) / len(ok) if ok else math.nan,
+                       mean_normalised=sum(ok_n) / len(ok_n) if ok_n else math.nan, n=len(ok),
+                       unparsed=len(raw) - len(ok), normalise=cfg.normalise)
+
+
+__all__ = [
+    "RUBRIC",
+    "JudgeConfig",
+    "JudgeResult",
+    "build_prompt",
+    "chat_completion",
+    "judge",
+    "normalise_score",
+    "parse_score",
+]

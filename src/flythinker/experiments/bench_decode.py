@@ -1,0 +1,225 @@
+"""`flythinker bench decode`: prefill time and ms per new token of SFT (the Generator alone), FlyThinker sequential
+and FlyThinker concurrent, compared per device (each model gets the same compute, the paper's setting: here the same
+number of cores per model) and on the same machine (each method in its fastest configuration using all cores).
+Prints a table; the CLI ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..utils import UserError
+
+MODELS = ("medium", "tiny", "default")
+
+
+@dataclass
+class DecodeBenchConfig:
+    """`flythinker bench decode` settings."""
+
+    model: Literal["medium", "tiny", "default"] = "medium"
+    """medium: random ~200M Llama Generator + ~55M Reasoner (vocab 49152); tiny: the test models; default: the
+    embedded pretrained models."""
+    prompt_tokens: int = 512
+    """Prompt length per row."""
+    new_tokens: int = 32
+    """Tokens generated per run (>= 2: one comes from the prefill)."""
+    batch: list[int] = field(default_factory=lambda: [1, 8])
+    """Batch sizes (comma-separated on the command line)."""
+    runs: int = 3
+    """Timed runs per configuration: prefill is the median over runs, ms/token the median over every decode step
+    of every run."""
+    threads: int = 0
+    """CPU cores the benchmark may use (0: all this process may run on)."""
+    lam: float = 0.5
+    """λ of the FlyThinker model."""
+    device: str = ""
+    """cpu or cuda (empty: cuda when available)."""
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 2:
+            raise UserError("--new-tokens must be >= 2 (one token comes from the prefill)")
+        if self.prompt_tokens < 1 or self.runs < 1:
+            raise UserError("--prompt-tokens and --runs must be >= 1")
+        if self.threads < 0:
+            raise UserError("--threads must be >= 1 (0 = all cores)")
+        if not self.batch or min(self.batch) < 1:
+            raise UserError(f"--batch must be positive integers; got {self.batch}")
+
+
+def _load(name: str):
+    from ..testing import medium_models, tiny_lm, tiny_tokenizer
+
+    if name == "medium":
+        return medium_models()
+    if name == "tiny":
+
+        return tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1), tiny_tokenizer()
+    from ..models import load_default_models
+
+    return load_default_models(reasoner_layers=None)
+
+
+@dataclass
+class Row:
+    batch: int
+    method: str              # sft | sequential | concurrent
+    threads: str             # "2" (one pool), "1+1" (Generator + Reasoner pools), "gpu"
+    backend: str
+    prefill_ms: float
+    decode_ms: float         # per decode step = per new token of each row
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "method": self.method, "threads": self.threads, "backend": self.backend,
+                "prefill_ms": round(self.prefill_ms, 3), "decode_ms": round(self.decode_ms, 3),
+                "tokens_per_s": round(1000.0 * self.batch / self.decode_ms, 2)}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _params(lm) -> int:
+    return sum(p.numel() for p in lm.parameters())
+
+
+def run_decode(args: DecodeBenchConfig) -> dict:
+    """Run the benchmark, print the table, return the summary (the CLI prints it as the final JSON line)."""
+    from ..methods.flythinker.config import FlyThinkerConfig
+    from ..methods.flythinker.decode import per_token_macs, resolve_backend
+    from ..methods.flythinker.model import FlyThinker
+    from .timing import time_configs
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    n = args.threads or _cores()
+    k = max(1, n // 2)  # per-device comparison: each model gets k cores (one each on a 2-core machine)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    generator, reasoner, tokenizer = _load(args.model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator.to(device=device, dtype=dtype)
+    reasoner.to(device=device, dtype=dtype)
+    fly = FlyThinker(generator, reasoner, FlyThinkerConfig(lam=args.lam)).eval()
+    sft = FlyThinker(generator, None).eval()
+    limit = getattr(generator.config, "max_position_embeddings", None)
+    if limit is not None and args.prompt_tokens + args.new_tokens > limit:
+        raise UserError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
+                        f"model's context of {limit}")
+    vocab = len(tokenizer) if tokenizer is not None else generator.get_input_embeddings().num_embeddings
+    context = args.prompt_tokens + args.new_tokens // 2  # mean cache length while decoding
+    c_g, c_r = per_token_macs(fly, context)
+    flop_ratio = (c_g + c_r) / c_g
+
+    # (comparison, method, model, backend, label, main threads, (G, R) threads); each distinct one measured once.
+    plans: list[tuple[str, str, Any, str, str, int | None, tuple[int, int] | None]] = []
+    if device.type == "cpu":
+        # per device: k cores per model. Same machine: n cores, FlyThinker concurrent tries a few G+R splits.
+        splits = sorted({(n - r, r) for r in (1, round(n * c_r / (c_g + c_r)), n // 2) if 1 <= r < n})
+        plans += [("per-device", "sft", sft, "sequential", str(k), k, None),
+                  ("per-device", "sequential", fly, "sequential", str(k), k, None),
+                  ("per-device", "concurrent", fly, "threads", f"{k}+{k}", k, (k, k)),
+                  ("same-machine", "sft", sft, "sequential", str(n), n, None),
+                  ("same-machine", "sequential", fly, "sequential", str(n), n, None)]
+        plans += [("same-machine", "concurrent", fly, "threads", f"{a}+{b}", n, (a, b)) for a, b in splits]
+    else:
+        plans += [("same-machine", "sft", sft, "sequential", "1gpu", None, None),
+                  ("same-machine", "sequential", fly, "sequential", "1gpu", None, None),
+                  ("same-machine", "concurrent", fly, "cuda_streams", "1gpu", None, None)]
+        if torch.cuda.device_count() >= 2:  # the paper's setting: the Reasoner on its own GPU
+            import copy
+
+            other = torch.device("cuda", (device.index or 0) + 1 if (device.index or 0) + 1 < torch.cuda.device_count()
+                                 else 0)
+            fly2 = FlyThinker(generator, copy.deepcopy(reasoner).to(other), FlyThinkerConfig(lam=args.lam)).eval()
+            plans += [("per-device", "sft", sft, "sequential", "1gpu", None, None),
+                      ("per-device", "sequential", fly, "sequential", "1gpu", None, None),
+                      ("per-device", "concurrent", fly2, "two_devices", "2gpu", None, None)]
+
+    gen = torch.Generator().manual_seed(0)
+    measured: dict[tuple, Row] = {}
+    table: list[tuple[str, Row]] = []
+    for batch in args.batch:
+        ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
+        keys, configs = [], []
+        for comparison, method, model, backend, label, main_threads, split in plans:
+            # A same-machine split equal to the per-device one is the same decode: measured once (its prefill,
+            # which cannot overlap R and G anyway, then runs with the per-device thread count).
+            key = (batch, method, label, backend)
+            table.append((comparison, key))
+            if key not in keys:
+                keys.append(key)
+                configs.append((model, main_threads, {"concurrent": backend, "cpu_threads": split}))
+        print(f"bench decode: batch {batch}, {len(configs)} configurations x {args.runs} runs ...", file=sys.stderr,
+              flush=True)
+        for key, (pre, dec) in zip(keys, time_configs(configs, ids, args.new_tokens, args.runs)):
+            measured[key] = Row(*key[:4], pre, dec)
+    table = [(c, measured[key]) for c, key in table]
+
+    def pick(batch: int, comparison: str, method: str) -> Row | None:
+        rows = [r for c, r in table if c == comparison and r.batch == batch and r.method == method]
+        return min(rows, key=lambda r: r.decode_ms) if rows else None
+
+    summaries = {}
+    for batch in args.batch:
+        s_dev, q_dev, c_dev = (pick(batch, "per-device", m) for m in ("sft", "sequential", "concurrent"))
+        s_all = pick(batch, "same-machine", "sft")
+        fly_rows = [r for r in (pick(batch, "same-machine", "sequential"), pick(batch, "same-machine", "concurrent"))
+                    if r is not None]
+        best = min(fly_rows, key=lambda r: r.decode_ms)
+        summaries[batch] = {
+            "sft_ms": _ms(s_dev), "sequential_ms": _ms(q_dev), "concurrent_ms": _ms(c_dev),
+            "ratio_concurrent_over_sft": _ratio(c_dev, s_dev), "ratio_sequential_over_sft": _ratio(q_dev, s_dev),
+            "sft_best_ms": _ms(s_all), "best_ms": _ms(best), "best": f"{best.method}@{best.threads}",
+            "ratio_best_over_sft_best": _ratio(best, s_all),
+        }
+
+    auto = resolve_backend(fly, "auto", num_threads=n)
+    head = (f"flythinker bench decode: model={args.model} (Generator {_params(generator) / 1e6:.1f}M params, "
+            f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={str(dtype).replace('torch.', '')} "
+            f"prompt={args.prompt_tokens} new={args.new_tokens} runs={args.runs} cores={n}")
+    print(head)
+    print(f"per-token multiply-adds at context {context}: C_G={c_g / 1e6:.1f}M C_R={c_r / 1e6:.1f}M "
+          f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}; auto backend with {n} threads: {auto}")
+    if load_before is not None and load_before > 0.5:
+        print(f"warning: load average was {load_before:.2f} before the benchmark; timings may be contended")
+    print(f"{'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "
+          f"{'ms/token':>9}  {'tokens/s':>9}")
+    for comparison, r in table:
+        print(f"{r.batch:>5}  {comparison:<12} {r.method:<11} {r.threads:>7}  {r.prefill_ms:>10.1f}  "
+              f"{r.decode_ms:>9.2f}  {1000 * r.batch / r.decode_ms:>9.1f}")
+    for batch, s in summaries.items():
+        print(f"batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} (target <= 1.05), "
+              f"sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best ({s['best']})/best SFT = "
+              f"{_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = {1.05 * flop_ratio:.3f})")
+
+    first = 1 if 1 in args.batch else args.batch[0]
+    result = dict(summaries[first])
+    result.update({
+        "batch": first, "threads": n, "per_model_threads": k if device.type == "cpu" else None,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "model": args.model,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+        "flop_ratio": round(flop_ratio, 4), "macs_generator": c_g, "macs_reasoner": c_r,
+        "params_generator": _params(generator), "params_reasoner": _params(reasoner), "auto_backend": auto,
+        "load_before": load_before, "by_batch": {str(b): s for b, s in summaries.items()},
+        "rows": [dict(r.as_dict(), comparison=c) for c, r in table],
+    })
+    return result
+
+
+def _ms(row: Row | None) -> float | None:
+    return None if row is None else round(row.decode_ms, 3)
+
+
+def _ratio(a: Row | None, b: Row | None) -> float | None:
+    return None if a is None or b is None else round(a.decode_ms / b.decode_ms, 4)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

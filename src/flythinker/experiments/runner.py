@@ -1,0 +1,195 @@
+"""Running one row of a comparison end to end: (train) -> generate predictions -> measure cost.
+
+A row is a registered method (`flythinker.methods.METHODS`) plus dotted overrides of the experiment's settings
+(`MethodSpec`), so every row goes through ONE trainer (`training.loop.fit`) and ONE predictor
+(`inference.Predictor`) with the same prompts, decoding and seed. `flythinker demo` and `flythinker study` are both
+built on `run_method`. Work is cached per row folder: a finished training (final/) or prediction file is reused, and
+an interrupted one resumes, so long studies survive a kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import ConfigError, apply_overrides, to_dict
+from ..data import DataConfig, Example, encode_example
+from ..decoding.sampling import DecodeConfig
+from ..methods import METHODS, Method, ModelArgs, get_method
+from ..training.config import TrainArgs
+
+SECTIONS = ("model", "data", "train")
+
+
+@dataclass
+class MethodSpec:
+    """One row of the comparison table."""
+
+    name: str
+    """Display name (also the predictions' `method` field and the folder name)."""
+    method: str = "flythinker"
+    """A registered method (flythinker.methods.METHODS)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted settings over the experiment's, e.g. {"model.fusion.lam": 0.2, "train.lr_reasoner": 1e-5}."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"{self.name}: unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        bad = [k for k in self.overrides if k.split(".", 1)[0] not in SECTIONS or "." not in k]
+        if bad:
+            raise ConfigError(f"{self.name}: override key(s) {', '.join(bad)} must start with one of "
+                              f"{', '.join(s + '.' for s in SECTIONS)}")
+
+    @property
+    def impl(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def trained(self) -> bool:
+        return self.impl.trained
+
+    def section(self, name: str) -> dict[str, Any]:
+        return {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.split(".", 1)[0] == name}
+
+    def model_args(self, base: ModelArgs) -> ModelArgs:
+        return self.impl.model_args(apply_overrides(base, self.section("model"), where=f"{self.name} model"))
+
+    def data_config(self, base: DataConfig) -> DataConfig:
+        return self.impl.data_config(apply_overrides(base, self.section("data"), where=f"{self.name} data"))
+
+    def train_args(self, base: TrainArgs) -> TrainArgs:
+        return apply_overrides(base, self.section("train"), where=f"{self.name} train")
+
+
+@dataclass
+class MethodResult:
+    name: str
+    method: str
+    predictions: Path
+    train_s_per_step: float | None = None
+    train_steps: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    decode_ms_per_token: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_method_model(spec: MethodSpec, model_args: ModelArgs):
+    """Fresh (untrained) model for `spec`: (model, tokenizer)."""
+    return spec.impl.build(spec.model_args(model_args))
+
+
+def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_examples: Sequence[Example],
+               model_args: ModelArgs, data: DataConfig, train: TrainArgs, decode: DecodeConfig,
+               out_dir: str | Path, progress: bool = True, log=print) -> MethodResult:
+    """Train (if the method is trained), then generate predictions for `eval_examples` into
+    `out_dir/<name>/predictions.jsonl`, measuring training s/step (decode ms/token: `remeasure_decode`, all
+    methods together)."""
+    from ..inference import Predictor
+    from ..models import load_tokenizer
+    from ..predictions import generate_predictions
+    from ..training.loop import fit
+    from .timing import median_step_seconds
+
+    folder = Path(out_dir) / _slug(spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    data_cfg = spec.data_config(data)
+    margs = spec.model_args(model_args)
+    result = MethodResult(spec.name, spec.method, folder / "predictions.jsonl")
+    timing_file = folder / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+
+    targs = dataclasses.replace(spec.train_args(train), out_dir=str(folder / "train"), progress=progress)
+    final = Path(targs.out_dir) / "final"
+    reuse = spec.trained and (final / "flythinker.json").is_file() and "train_s_per_step" in timing
+    if reuse:  # a finished training: restore it without first building the fresh models it replaces
+        log(f"[{spec.name}] reusing trained model {final}")
+        tok = load_tokenizer(margs.generator)
+        model = spec.impl.load(final)
+        model.tokenizer = tok
+    else:
+        model, tok = spec.impl.build(margs)
+    if spec.trained:
+        if not reuse:
+            targs.resume = True  # continues from a step-N checkpoint if an earlier run was killed
+            feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
+            log(f"[{spec.name}] training on {len(feats)} examples")
+            cfg = {"model": to_dict(margs), "data": to_dict(data_cfg), "train": to_dict(targs)}
+            fit_res = fit(model, feats, targs, tok.pad_token_id, config=cfg)
+            timing.update(train_s_per_step=fit_res.seconds_per_step, train_steps=fit_res.steps,
+                          train_losses=fit_res.losses)
+        median = median_step_seconds(Path(targs.out_dir) / "log.jsonl")
+        if median is not None:
+            timing["train_step_seconds_median"] = median
+        timing_file.write_text(json.dumps(timing, indent=2))  # before generation, so a killed run reuses training
+        # The median optimizer-step time (from the loss log; step 1 and checkpoint writes excluded) is the figure
+        # compared across methods: every trained row sees the same windows in the same order, and a median is not
+        # moved by a burst of load from another process. The wall-clock mean stays in timing.json.
+        result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
+        result.train_steps = timing.get("train_steps", 0)
+        result.train_losses = timing.get("train_losses", [])
+    model.eval()
+
+    fn = Predictor(model, tok, data_cfg, decode).batch_fn([e.id for e in eval_examples])
+    t0 = time.perf_counter()
+    stats = generate_predictions(list(eval_examples), fn, result.predictions, batch_size=decode.batch_size,
+                                 method=spec.name, progress=progress)
+    if stats.written:
+        timing["generate_seconds"] = time.perf_counter() - t0
+    timing_file.write_text(json.dumps(timing, indent=2))
+    log(f"[{spec.name}] {stats.written} predictions written ({stats.skipped} reused) -> {result.predictions}")
+    return result
+
+
+def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
+                     data: DataConfig, example: Example, out_dir: str | Path, tokenizer: Any, new_tokens: int = 32,
+                     runs: int = 3, log=print) -> None:
+    """Time every method's decoding together, interleaved round-robin (run 1 of each method, then run 2, ...), on
+    the same example with each method's own prompt, and overwrite each result's decode_ms_per_token.
+
+    The per-method figure measured right after that method's generation compares moments minutes apart, and on a
+    shared or virtualised machine the speed drifts in between; interleaving makes the ratio to SFT a paired
+    measurement. Cached in out_dir/decode_timing.json (reused when it covers every method)."""
+    from .timing import time_configs
+
+    cache = Path(out_dir) / "decode_timing.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not all(r.name in saved.get("ms_per_token", {}) for r in results):
+        configs, prompts = [], []
+        for spec, res in zip(specs, results):
+            model = (spec.impl.load(res.predictions.parent / "train" / "final") if spec.trained
+                     else load_method_model(spec, model_args)[0])
+            ids = encode_example(example, tokenizer, spec.data_config(data), with_response=False)["prompt_ids"]
+            configs.append((model.eval(), None, {}))
+            prompts.append(torch.tensor([ids]))
+        log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")
+        timed = time_configs(configs, prompts, new_tokens, runs)
+        saved = {"ms_per_token": {r.name: ms for r, (_, ms) in zip(results, timed)},
+                 "new_tokens": new_tokens, "runs": runs, "example": example.id}
+        cache.write_text(json.dumps(saved, indent=2))
+    for r in results:
+        r.decode_ms_per_token = saved["ms_per_token"][r.name]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def efficiency_table(results: Sequence[MethodResult], baseline: str = "SFT") -> list[dict[str, Any]]:
+    """Training s/step and decode ms/token per method, each also as a ratio to the baseline's."""
+    base = next((r for r in results if r.name == baseline), None)
+    rows = []
+    for r in results:
+        row = {"method": r.name, "train_s_per_step": r.train_s_per_step, "decode_ms_per_token": r.decode_ms_per_token}
+        if base is not None:
+            row["train_ratio_to_sft"] = (r.train_s_per_step / base.train_s_per_step
+                                         if r.train_s_per_step and base.train_s_per_step else None)
+            row["decode_ratio_to_sft"] = (r.decode_ms_per_token / base.decode_ms_per_token
+                                          if r.decode_ms_per_token and base.decode_ms_per_token else None)
+        rows.append(row)
+    return rows

@@ -1,0 +1,301 @@
+"""`flythinker study`: the paper's comparison on real held-out users, from one config to one results folder.
+
+Owns the study configuration and its flow: for each split (user, temporal) run every method (Non-personalized,
+RAG, SFT, FlyThinker, or any registered method) through `runner.run_method` with the same prompts, decoding and seed
+and an equal training budget for the trained ones; score them (`evaluation.report.run_evaluation`: metric table,
+paired bootstrap CIs of
+FlyThinker - SFT, position-sensitive plot and table); record training s/step and decode ms/token as ratios to SFT;
+then the reduced-budget ablations (lists of override points: λ, Reasoner depth, ...) scored by metrics and by
+teacher-forced dev NLL.
+Everything lands in `out/` with a summary.json and summary.md; every stage is cached/resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import to_dict
+from ..data import DataConfig
+from ..decoding.sampling import DecodeConfig
+from ..methods import METHODS
+from ..methods.base import ModelArgs
+from ..methods.flythinker.config import Normalize, Scope
+from ..training.config import TrainArgs
+from ..utils import UserError
+
+DEFAULT_METHODS = ("nonpersonalized", "rag", "sft", "flythinker")
+
+
+@dataclass
+class Variant:
+    """A named row with dotted overrides of the study's settings: an extra row of the main comparison (a candidate
+    fix under test gets the full evaluation: metrics, CIs against SFT, segments, efficiency) or an ablation point."""
+
+    name: str
+    """Display name (table row and folder name); must differ from the other rows' names."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted settings over the study's model / data / train sections, e.g. {model.fusion.normalize: standardize}."""
+    method: str = "flythinker"
+    """The registered method the row runs."""
+
+    def spec(self):
+        from .runner import MethodSpec
+
+        return MethodSpec(self.name, self.method, dict(self.overrides))
+
+
+@dataclass
+class AblationConfig:
+    """Reduced-budget ablations on one split (paper Figures 5-6): a list of override points, plus axis shortcuts
+    that expand to points (lams: [0.2] is the point {name: lam=0.2, overrides: {model.fusion.lam: 0.2}})."""
+
+    split: str = "user"
+    lams: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5, 1.0, 2.0, 5.0])
+    """λ values (Figure 6); empty disables."""
+    reasoner_layers: list[int] = field(default_factory=lambda: [4, 8])
+    """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); empty disables."""
+    normalize: list[str] = field(default_factory=list)
+    """FlyThinkerConfig.normalize variants (center, standardize) at the experiment's λ; not in the paper."""
+    scopes: list[Scope] = field(default_factory=list)
+    """Fusion scopes other than the experiment's (input, output: the paper's Table 3 ablation); empty disables."""
+    lr_reasoners: list[float] = field(default_factory=list)
+    """Reasoner learning rates other than train.lr_reasoner (the Generator's stays); empty disables."""
+    points: list[Variant] = field(default_factory=list)
+    """Further ablation points, each a name and dotted overrides."""
+    train_examples: int = 120
+    eval_examples: int = 24
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        valid = [m for m in typing.get_args(Normalize) if m != "none"]
+        bad = [m for m in self.normalize if m not in valid]
+        if bad:
+            raise UserError(f"ablation.normalize: unknown variant(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+
+    def all_points(self) -> list[tuple[str, Any, Variant]]:
+        """(axis, value, point) for every ablation point, then the SFT reference point."""
+        pts = [("lam", v, Variant(f"lam={v:g}", {"model.fusion.lam": v})) for v in self.lams]
+        pts += [("reasoner_layers", k, Variant(f"layers={k}", {"model.reasoner": str(k)}))
+                for k in self.reasoner_layers]
+        pts += [("normalize", m, Variant(f"normalize={m}", {"model.fusion.normalize": m})) for m in self.normalize]
+        pts += [("scope", sc, Variant(f"scope={sc}", {"model.fusion.scope": sc})) for sc in self.scopes]
+        pts += [("lr_reasoner", lr, Variant(f"lr_reasoner={lr:g}", {"train.lr_reasoner": lr}))
+                for lr in self.lr_reasoners]
+        pts += [("point", p.name, p) for p in self.points]
+        if pts:
+            pts.append(("sft", None, Variant("SFT", method="sft")))
+        return pts
+
+
+@dataclass
+class StudyConfig:
+    """`flythinker study` configuration (see configs/commits_study.yaml)."""
+
+    data_root: str = "../shared/data/commits"
+    """Folder with <split>/train.jsonl[.gz] and <split>/dev.jsonl."""
+    out: str = "results/commits"
+    splits: list[str] = field(default_factory=lambda: ["user", "temporal"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Registered methods to compare (flythinker.methods.METHODS), each with the study's settings."""
+    variants: list[Variant] = field(default_factory=list)
+    """Extra rows with overridden settings (see Variant); empty by default."""
+    train_examples: int = 400
+    """Training examples per split (first N of a seeded shuffle of train)."""
+    eval_examples: int = 100
+    """Dev examples per split (first N of a seeded shuffle of dev)."""
+    seed: int = 0
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=512, seed=0))
+    bertscore: bool = True
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
+        for v in self.variants + self.ablation.points:
+            spec = v.spec()  # checks the method and every override key now, not hours into the run
+            spec.model_args(self.model), spec.data_config(self.data), spec.train_args(self.train)
+        names = [METHODS[m].display for m in self.methods] + [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"variants: name(s) {', '.join(dup)} used twice (methods are named "
+                            f"{', '.join(METHODS[m].display for m in self.methods)})")
+
+    def rows(self):
+        from .runner import MethodSpec
+
+        return [MethodSpec(METHODS[m].display, m) for m in self.methods] + [v.spec() for v in self.variants]
+
+
+def _split_files(root: Path, split: str) -> tuple[Path, Path]:
+    def find(part: str) -> Path:
+        for name in (f"{split}/{part}.jsonl", f"{split}/{part}.jsonl.gz"):
+            if (root / name).is_file():
+                return root / name
+        raise UserError(f"{root}/{split}: no {part}.jsonl[.gz]")
+
+    return find("train"), find("dev")
+
+
+def _sample(examples, n: int, seed: int):
+    import random
+
+    rows = list(examples)
+    random.Random(seed).shuffle(rows)
+    return rows[:n] if n > 0 else rows
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
+    from ..data import load_examples
+    from ..evaluation.report import EvalConfig, run_evaluation
+    from ..utils import set_threads
+    from .runner import efficiency_table, remeasure_decode, run_method
+
+    set_threads(cfg.train.threads or None)
+    root, out = Path(cfg.data_root), Path(cfg.out)
+    if not root.is_dir():
+        raise UserError(f"data_root {root} is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
+    tok = _tokenizer(cfg.model)
+    summary: dict = {"splits": {}, "ablations": {}, "config": to_dict(cfg)}
+    t_start = time.perf_counter()
+
+    for split in cfg.splits:
+        train_file, dev_file = _split_files(root, split)
+        train = _sample(load_examples(train_file), cfg.train_examples, cfg.seed)
+        dev = _sample(load_examples(dev_file), cfg.eval_examples, cfg.seed)
+        log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
+        results, specs = [], []
+        for spec in cfg.rows():
+            specs.append(spec)
+            results.append(run_method(spec, train, dev, cfg.model, cfg.data,
+                                      dataclasses.replace(cfg.train, seed=cfg.seed), cfg.decode, out / split,
+                                      progress=cfg.train.progress, log=log))
+        remeasure_decode(results, specs, cfg.model, cfg.data, dev[0], out / split, tok, log=log)
+        base = METHODS["sft"].display if "sft" in cfg.methods else METHODS[cfg.methods[0]].display
+        rep = run_evaluation([r.predictions for r in results], out / split / "eval",
+                             EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
+        summary["splits"][split] = {"train_examples": len(train), "eval_examples": len(dev),
+                                    "metrics": rep.methods, "comparisons": rep.comparisons,
+                                    "segments": rep.segments, "efficiency": efficiency_table(results),
+                                    "files": rep.files}
+        _write(out, summary, metrics)
+
+    if cfg.ablation.all_points():
+        summary["ablations"] = run_ablations(cfg, metrics, tok, log)
+        _write(out, summary, metrics)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    _write(out, summary, metrics)
+    log(f"study written to {out}/summary.md ({summary['seconds']:.0f} s)")
+    return summary
+
+
+def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
+    """λ sweep and Reasoner-depth sweep on a reduced budget; each point: metrics on a few dev examples plus the
+    teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on small samples)."""
+    from ..data import encode_example, load_examples
+    from ..evaluation.report import EvalConfig, run_evaluation
+    from ..training.loop import validate
+    from .runner import load_method_model, run_method
+
+    ab = cfg.ablation
+    train_file, dev_file = _split_files(Path(cfg.data_root), ab.split)
+    train = _sample(load_examples(train_file), ab.train_examples, cfg.seed)
+    dev = _sample(load_examples(dev_file), ab.eval_examples, cfg.seed)
+    decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
+    out = Path(cfg.out) / "ablations"
+    points = [(axis, value, p.spec()) for axis, value, p in ab.all_points()]
+    rows = []
+    for axis, value, spec in points:
+        log(f"== ablation {spec.name}")
+        res = run_method(spec, train, dev, cfg.model, cfg.data, dataclasses.replace(cfg.train, seed=cfg.seed),
+                         decode, out, progress=cfg.train.progress, log=log)
+        nll_file = res.predictions.parent / "dev_nll.json"
+        nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
+        if "init_dev_nll" not in nlls or "dev_nll" not in nlls:
+            data_cfg = spec.data_config(cfg.data)
+            dev_feats = [encode_example(e, tok, data_cfg, with_response=True) for e in dev]
+            # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained
+            # Generator before any learning (the gap training has to close first).
+            init_model, _ = load_method_model(spec, cfg.model)
+            prepare = getattr(init_model, "prepare_training", None)
+            if callable(prepare):  # as `fit` does before step 1
+                n_cal = cfg.train.calibration_examples
+                prepare([encode_example(e, tok, data_cfg, with_response=True) for e in train[:n_cal]], n_cal,
+                        tok.pad_token_id)
+            nlls["init_dev_nll"] = validate(init_model, dev_feats, tok.pad_token_id)
+            del init_model
+            # dev NLL of the trained model (reload final/ so the number is the saved model's)
+            model = spec.impl.load(res.predictions.parent / "train" / "final")
+            nlls["dev_nll"] = validate(model, dev_feats, tok.pad_token_id)
+            del model
+            nll_file.write_text(json.dumps(nlls, indent=2))
+        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nlls["dev_nll"],
+                     "init_dev_nll": nlls["init_dev_nll"], "predictions": str(res.predictions),
+                     "train_s_per_step": res.train_s_per_step})
+    rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
+                         EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
+    for r in rows:
+        r["metrics"] = rep.methods.get(r["name"], {}).get("metrics", {})
+    return {"split": ab.split, "train_examples": len(train), "eval_examples": len(dev), "rows": rows,
+            "comparisons": rep.comparisons}
+
+
+def _tokenizer(model: ModelArgs):
+    from ..models import load_tokenizer
+
+    return load_tokenizer(model.generator)
+
+
+def _write(out: Path, summary: dict, metrics) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(render_summary(summary, metrics))
+
+
+def render_summary(summary: dict, metrics) -> str:
+    def f(v, d=4):
+        return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, (int, float)) else str(v))
+
+    lines = ["# Study summary", ""]
+    for split, s in summary.get("splits", {}).items():
+        lines += [f"## {split} split ({s['train_examples']} train / {s['eval_examples']} dev examples)", "",
+                  "| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, m in s["metrics"].items():
+            lines.append(f"| {name} | " + " | ".join(f(m["metrics"].get(k)) for k in metrics) + " |")
+        lines += ["", "Paired bootstrap 95% CI of each method minus the baseline:", "",
+                  "| comparison | metric | diff | 95% CI |", "|---|---|---|---|"]
+        comps = s.get("comparisons") or {}
+        for name, by_metric in (comps.get("vs_baseline") or {}).items():
+            for k, v in by_metric.items():
+                if isinstance(v, dict) and "diff" in v:
+                    lines.append(f"| {name} - {comps.get('baseline')} | {k} | {f(v['diff'])} | "
+                                 f"[{f(v.get('lo'))}, {f(v.get('hi'))}] |")
+        lines += ["", "| method | train s/step | x SFT | decode ms/token | x SFT |", "|---|---|---|---|---|"]
+        for r in s["efficiency"]:
+            lines.append(f"| {r['method']} | {f(r['train_s_per_step'], 2)} | {f(r.get('train_ratio_to_sft'), 2)} | "
+                         f"{f(r['decode_ms_per_token'], 1)} | {f(r.get('decode_ratio_to_sft'), 2)} |")
+        if s.get("files", {}).get("segments_plot"):
+            lines += ["", f"Position-sensitive plot: {s['files']['segments_plot']}"]
+        lines.append("")
+    ab = summary.get("ablations") or {}
+    if ab.get("rows"):
+        lines += [f"## Ablations ({ab['split']} split, {ab['train_examples']} train / {ab['eval_examples']} dev)", "",
+                  "| setting | dev NLL before training | dev NLL after | " + " | ".join(metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
+        for r in ab["rows"]:
+            lines.append(f"| {r['name']} | {f(r.get('init_dev_nll'))} | {f(r['dev_nll'])} | "
+                         + " | ".join(f(r['metrics'].get(k)) for k in metrics)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)

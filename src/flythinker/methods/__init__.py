@@ -1,0 +1,28 @@
+"""The methods of the comparison, as plug-ins: `METHODS` maps a name to its `Method` (see base.py for the
+protocol). A new method is one file here and one line below."""
+
+from __future__ import annotations
+
+from .base import Method, ModelArgs
+from .flythinker.method import FlyThinkerMethod
+from .sft import RAG, SFT, NonPersonalized
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    NonPersonalized(),
+    RAG(),
+    SFT(),
+    FlyThinkerMethod(),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; a UserError listing the valid names otherwise."""
+    from ..utils import UserError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UserError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Method", "ModelArgs", "get_method"]

@@ -1,0 +1,87 @@
+"""Random models and a tiny tokenizer built in-process, for tests, benchmarks (`--model tiny|medium`) and quick runs.
+
+No network and no files: the tokenizer is a byte-level BPE trained on a fixed built-in corpus (deterministic),
+with a ChatML template like SmolLM2's, and the models are built from config with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CORPUS = (
+    "The user writes long reviews about music, albums, songs and artists. "
+    "I loved this album because the melodies are warm and the lyrics are honest. "
+    "This commit fixes a bug in the parser; the previous code did not handle empty input. "
+    "Write the body of the commit message for a commit titled refactor the cache. "
+    "Generate the review text written by a reviewer who has given an overall rating of 5. "
+    "Abstract: we propose a method for personalized long-form generation with latent reasoning. "
+    "Overall, the sound is great, the vocals are clear, and I would recommend it to anyone. "
+    "0123456789 .,;:!?'\"()[]{}-_/\\ \n"
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A PreTrainedTokenizerFast (byte-level BPE) with <pad>, <|im_start|>, <|im_end|> (also EOS) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden_size: int = 32, num_layers: int = 2,
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64, max_positions: int = 512):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+              num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+              max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+              bos_token_id=1)
+    if arch == "llama":
+        return LlamaConfig(**kw)
+    if arch == "qwen2":
+        return Qwen2Config(**kw)
+    raise ValueError(f"unknown tiny arch {arch!r}; valid: llama, qwen2")
+
+
+def tiny_lm(arch: str = "llama", seed: int = 0, **kw):
+    """A seeded random causal LM from `tiny_config` (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, **kw)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def medium_models(seed: int = 0):
+    """Random Llama models at realistic sizes: a ~200M-parameter Generator (SmolLM2-like vocabulary of 49152,
+    width 768, 26 layers) and a ~57M Reasoner (width 512, 10 layers; different width, so the projection runs)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    common = {"vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True, "rope_theta": 100000.0,
+                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    g_cfg = LlamaConfig(hidden_size=768, num_hidden_layers=26, num_attention_heads=12, num_key_value_heads=4,
+                        intermediate_size=2048, **common)
+    r_cfg = LlamaConfig(hidden_size=512, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=4,
+                        intermediate_size=1536, **common)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        g = AutoModelForCausalLM.from_config(g_cfg)
+        r = AutoModelForCausalLM.from_config(r_cfg)
+    return g.eval(), r.eval(), None

