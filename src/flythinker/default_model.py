@@ -34,16 +34,8 @@ import torch
 
 from .utils import UserError
 
-# Reasoner depth of the default model, chosen by measurement (docs/default_model.md: fp32, one thread, 512 tokens,
-# medians of interleaved rounds on 2 shared cores). SmolLM2-135M has 30 layers; the Reasoner runs no LM head, so
-# k layers cost k x 3.54M multiply-adds per token against the Generator's 134.5M.
-#   k   FLOP (C_G+C_R)/C_G   decode (G+R)/G   train step FlyThinker/SFT
-#   4   1.11                 1.12-1.13        1.15
-#   8   1.21                 1.23-1.24        1.28
-#   12  1.32                 1.33-1.38        1.37
-# k=8 is the deepest cut near the usual ~25% overhead budget (the step's extra ~5% is a k-independent fusion/loss
-# cost). The paper's Reasoner is 1/7-1/14 of the Generator but full depth; a 4-layer cut would keep only early-layer
-# features. Parallel decoding (one core per model) hides the Reasoner's decode cost almost entirely.
+# Reasoner depth of the default model: the deepest first-k-layer cut near the usual ~25% cost overhead, chosen by
+# measuring k = 4, 8, 12 (the table and its conditions are in docs/default_model.md, "Choosing k").
 DEFAULT_REASONER_LAYERS = 8
 DEFAULT_NUM_LAYERS = 30  # depth of SmolLM2-135M; other Generators get the same depth fraction by default
 

@@ -48,8 +48,8 @@ class Predictor:
     def from_checkpoint(cls, ckpt: str | Path, data_cfg: Any = None, decode: DecodeConfig | None = None,
                         dtype: str = "auto") -> "Predictor":
         """Load `ckpt` (see `load_checkpoint`); prompt settings default to the checkpoint's training ones."""
-        from .data import DataConfig
         from .config import from_dict
+        from .data import DataConfig
 
         model, tok = load_checkpoint(ckpt, dtype)
         if data_cfg is None:

@@ -59,16 +59,23 @@ def scan_predictions(out_path: str | Path, repair: bool = True) -> tuple[list[di
             os.fsync(f.fileno())
     records = []
     for lineno, raw in enumerate(data[:cut].splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError as e:
-            raise UserError(f"{path}:{lineno}: malformed prediction line ({e}); fix or remove the file") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise UserError(f"{path}:{lineno}: not a prediction record (an object with an 'id')")
-        records.append(rec)
+        if raw.strip():
+            rec = parse_line(raw, path, lineno, hint="; fix or remove the file")
+            if "id" not in rec:
+                raise UserError(f"{path}:{lineno}: not a prediction record (an object with an 'id')")
+            records.append(rec)
     return records, repaired
+
+
+def parse_line(raw: str | bytes, path: Path, lineno: int, hint: str = "") -> dict[str, Any]:
+    """One line of a predictions file as a dict; a UserError naming file and line otherwise."""
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"{path}:{lineno}: malformed prediction line ({e}){hint}") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatchFn, out_path: str | Path,
@@ -161,12 +168,7 @@ def read_predictions(path: str | Path) -> PredictionSet:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: malformed prediction line ({e})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec = parse_line(line, path, lineno)
             for key in REQUIRED_FIELDS:
                 if key not in rec:
                     raise UserError(f"{path}:{lineno}: missing field {key!r} (need {', '.join(REQUIRED_FIELDS)})")

@@ -5,8 +5,19 @@ collation (labels -100 on the prompt, response mask, left/right padding), and th
 import pytest
 import torch
 
-from flythinker.data import (IGNORE_INDEX, DataConfig, Example, PersonalizedDataset, build_prompt, collate,
-                             count_tokens, encode_example, query_text, select_profile, truncate_to_tokens)
+from flythinker.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    Example,
+    PersonalizedDataset,
+    build_prompt,
+    collate,
+    count_tokens,
+    encode_example,
+    query_text,
+    select_profile,
+    truncate_to_tokens,
+)
 from flythinker.data.prompts import render_profile, user_message
 from flythinker.data.truncate import share_budget
 from flythinker.testing import tiny_tokenizer

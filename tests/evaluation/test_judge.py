@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from flythinker.evaluation.judge import RUBRIC, JudgeConfig, build_prompt, judge, normalise_score, parse_score
+from flythinker.evaluation.judge import RUBRIC, JudgeConfig, build_prompt, judge, normalize_score, parse_score
 from flythinker.utils import UserError
 
 
@@ -73,12 +73,12 @@ def test_rubric_prompt_holds_the_paper_template():
     assert "Output the numerical score only" in RUBRIC
 
 
-def test_parse_and_normalise():
+def test_parse_and_normalize():
     assert [parse_score(t) for t in ["4", " Score: 5\n", "3/5", "10", "4.5", "none", "0"]] == \
         [4, 5, 3, None, None, None, None]
-    assert normalise_score(1, "minmax") == 0.0 and normalise_score(5, "minmax") == 1.0
-    assert normalise_score(3, "minmax") == 0.5 and normalise_score(3, "div5") == 0.6
-    assert math.isnan(normalise_score(math.nan))
+    assert normalize_score(1, "minmax") == 0.0 and normalize_score(5, "minmax") == 1.0
+    assert normalize_score(3, "minmax") == 0.5 and normalize_score(3, "div5") == 0.6
+    assert math.isnan(normalize_score(math.nan))
 
 
 def test_judge_against_fake_server(monkeypatch):
@@ -88,9 +88,9 @@ def test_judge_against_fake_server(monkeypatch):
         res = judge(cfg, ["a warm album", "a bad album", "something else"], ["ref one", "ref two", "ref three"],
                     ["Write A", "Write B", None])
     assert res.scores[:2] == [5.0, 2.0] and math.isnan(res.scores[2])
-    assert res.normalised[:2] == [1.0, 0.25]
+    assert res.normalized[:2] == [1.0, 0.25]
     assert res.n == 2 and res.unparsed == 1
-    assert res.mean_raw == 3.5 and res.mean_normalised == pytest.approx(0.625)
+    assert res.mean_raw == 3.5 and res.mean_normalized == pytest.approx(0.625)
     assert len(srv.requests) == 3
     req = srv.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["model"] == "fake-judge" and req["temperature"] == 0.0
@@ -100,10 +100,10 @@ def test_judge_against_fake_server(monkeypatch):
     assert any("[Instruction]: (not available)" in p for p in prompts)
 
 
-def test_div5_normalisation():
+def test_div5_normalization():
     with FakeServer(lambda body: (200, "4")) as srv:
-        res = judge(JudgeConfig(url=srv.url + "/", model="m", normalise="div5"), ["x"], ["y"])
-    assert res.normalised == [0.8] and res.mean_raw == 4.0
+        res = judge(JudgeConfig(url=srv.url + "/", model="m", normalize="div5"), ["x"], ["y"])
+    assert res.normalized == [0.8] and res.mean_raw == 4.0
 
 
 def test_server_error_retries_then_clear_error():
@@ -146,8 +146,8 @@ def test_not_a_chat_completion_reply():
 def test_config_errors():
     with pytest.raises(UserError, match="--judge-model"):
         JudgeConfig(url="http://127.0.0.1:1/v1", model="")
-    with pytest.raises(UserError, match="normalise"):
-        JudgeConfig(url="http://127.0.0.1:1/v1", model="m", normalise="other")
+    with pytest.raises(UserError, match="normalize"):
+        JudgeConfig(url="http://127.0.0.1:1/v1", model="m", normalize="other")
 
 
 def test_evaluate_with_judge(tmp_path):
@@ -181,12 +181,12 @@ def test_evaluate_judge_from_config_with_flag_override(tmp_path):
     with FakeServer(_score_by_content) as srv:
         cfg = tmp_path / "eval.yaml"
         cfg.write_text(f"metrics: [rouge1]\nsegments: none\nn_boot: 20\n"
-                       f"judge:\n  url: {srv.url}\n  model: fake\n  normalise: minmax\n  workers: 1\n")
+                       f"judge:\n  url: {srv.url}\n  model: fake\n  normalize: minmax\n  workers: 1\n")
         rc = main(["evaluate", str(tmp_path / "sft.jsonl"), str(tmp_path / "fly.jsonl"), "--out",
-                   str(tmp_path / "out"), "--config", str(cfg), "--judge-normalise", "div5"])
+                   str(tmp_path / "out"), "--config", str(cfg), "--judge-normalize", "div5"])
     assert rc == 0
     assert len(srv.requests) == 6 and srv.requests[0]["model"] == "fake"
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert data["info"]["judge"]["normalise"] == "div5"  # the flag overrides the YAML
+    assert data["info"]["judge"]["normalize"] == "div5"  # the flag overrides the YAML
     assert data["methods"]["sft"]["metrics"]["judge"] == pytest.approx(0.4)
     assert data["methods"]["fly"]["metrics"]["judge"] == 1.0

@@ -8,8 +8,8 @@ import pytest
 from flythinker.evaluation import metrics as M
 from flythinker.evaluation import resources as R
 from flythinker.evaluation.report import EvalConfig, run_evaluation
-from flythinker.predictions import read_predictions
 from flythinker.evaluation.segments import parse_boundaries, plot_segments, segment_scores, split_segments
+from flythinker.predictions import read_predictions
 from flythinker.utils import UserError
 
 FAST = ("rouge1", "rougeL", "bleu")

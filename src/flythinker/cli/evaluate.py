@@ -25,7 +25,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="YAML whose keys are the settings below (metrics, mode, segments, segment_metrics, "
                              "tokenizer, bertscore_model, bertscore_layers, baseline, n_boot, confidence, seed; "
-                             "judge: {url, model, timeout, normalise, workers, ...}); flags override it")
+                             "judge: {url, model, timeout, normalize, workers, ...}); flags override it")
     parser.add_argument("--metrics", default=_S, help=f"comma-separated (default: all of {','.join(d.metrics)})")
     parser.add_argument("--mode", default=_S, choices=("mean", "longlamp"),
                         help="mean: plain means; longlamp: ROUGE as LongLaMP's bootstrap median (seeded)")
@@ -53,7 +53,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="model name for the judge")
     parser.add_argument("--judge-timeout", dest="judge.timeout", metavar="JUDGE_TIMEOUT", type=float, default=_S,
                         help="seconds per judge request (default: 60)")
-    parser.add_argument("--judge-normalise", dest="judge.normalise", default=_S, choices=("minmax", "div5"),
+    parser.add_argument("--judge-normalize", dest="judge.normalize", default=_S, choices=("minmax", "div5"),
                         help="1-5 score -> 0-1: minmax (s-1)/4 (default) or div5 s/5")
     parser.add_argument("--judge-workers", dest="judge.workers", metavar="JUDGE_WORKERS", type=int, default=_S,
                         help="concurrent judge requests (default: 4)")

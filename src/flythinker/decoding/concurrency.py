@@ -86,9 +86,8 @@ def pinned_threads(n: int | None) -> Iterator[None]:
 
     With torch's OpenMP backend the count is the calling thread's OpenMP ICV (and MKL follows the calling thread's
     OpenMP setting; checked: a worker calling set_num_threads(2) leaves the caller's GEMMs on one core), so the
-    caller and the Reasoner's worker thread each keep their own count. Measured (/proc per-thread CPU time) while
-    decoding with "threads" 1+1: exactly two OS threads are busy, the caller at ~0.95 core and the worker at
-    ~0.2 core (57M Reasoner beside a 201M Generator); no OpenMP team threads are spawned to compete for cores."""
+    caller and the Reasoner's worker thread each keep their own count (per-thread CPU time checked in
+    docs/decode_backends.md: no OpenMP team threads are spawned to compete for cores)."""
     old = torch.get_num_threads()
     if n is None or n == old:
         yield

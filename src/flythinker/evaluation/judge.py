@@ -1,11 +1,11 @@
-"""Optional LLM judge (paper Appendix K, rubric of Figure 9, scores normalised as in Table 5).
+"""Optional LLM judge (paper Appendix K, rubric of Figure 9, scores normalized as in Table 5).
 
 Owns: the rubric prompt, the call to any OpenAI-compatible chat endpoint (POST {url}/chat/completions, stdlib
-urllib only, timeouts and bounded retries), parsing the 1-5 score, and normalisation to 0-1.
+urllib only, timeouts and bounded retries), parsing the 1-5 score, and normalization to 0-1.
 
-Normalisation: Table 5 reports 0-1 numbers for a 1-5 rubric without saying how they were mapped. We use min-max,
+Normalization: Table 5 reports 0-1 numbers for a 1-5 rubric without saying how they were mapped. We use min-max,
 (s - 1) / 4, which sends the rubric's range exactly onto [0, 1] (1 -> 0, 5 -> 1); s / 5 (1 -> 0.2) is available as
-`normalise="div5"`. The raw 1-5 mean is always reported too, so either convention can be recovered.
+`normalize="div5"`. The raw 1-5 mean is always reported too, so either convention can be recovered.
 The reply must be a score only; we take the first integer 1-5 in it. A reply with none counts as unparsed (NaN,
 reported), not as an error; a failing endpoint (HTTP error, refused connection, timeout after retries) is a
 UserError naming the URL.
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from ..utils import UserError
 
-Normalise = Literal["minmax", "div5"]
+JudgeNormalize = Literal["minmax", "div5"]
 
 # Figure 9 of the paper, verbatim in content; the three placeholders are filled per example.
 RUBRIC = """You are an impartial evaluator tasked with assessing how well an LLM-generated response reflects the \
@@ -74,7 +74,7 @@ class JudgeConfig:
     max_tokens: int = 8
     workers: int = 4
     """Concurrent requests."""
-    normalise: Normalise = "minmax"
+    normalize: JudgeNormalize = "minmax"
     """"minmax": (s-1)/4 (default); "div5": s/5."""
 
     def __post_init__(self) -> None:
@@ -82,25 +82,25 @@ class JudgeConfig:
             raise UserError("--judge-url is empty")
         if not self.model:
             raise UserError("--judge-model is required with --judge-url")
-        if self.normalise not in ("minmax", "div5"):
-            raise UserError(f"judge normalise must be 'minmax' or 'div5'; got {self.normalise!r}")
+        if self.normalize not in ("minmax", "div5"):
+            raise UserError(f"judge normalize must be 'minmax' or 'div5'; got {self.normalize!r}")
 
 
 @dataclass
 class JudgeResult:
     scores: list[float]
     """Raw 1-5 score per item (NaN where the reply had no score)."""
-    normalised: list[float]
+    normalized: list[float]
     """Per item on 0-1 (NaN where unparsed)."""
     mean_raw: float
-    mean_normalised: float
+    mean_normalized: float
     n: int
     unparsed: int
-    normalise: str
+    normalize: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean_raw": self.mean_raw, "mean_normalised": self.mean_normalised, "n": self.n,
-                "unparsed": self.unparsed, "normalise": self.normalise}
+        return {"mean_raw": self.mean_raw, "mean_normalized": self.mean_normalized, "n": self.n,
+                "unparsed": self.unparsed, "normalize": self.normalize}
 
 
 def build_prompt(instruction: str | None, reference: str, prediction: str) -> str:
@@ -114,7 +114,7 @@ def parse_score(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def normalise_score(s: float, how: Normalise = "minmax") -> float:
+def normalize_score(s: float, how: JudgeNormalize = "minmax") -> float:
     if math.isnan(s):
         return math.nan
     return (s - 1.0) / 4.0 if how == "minmax" else s / 5.0
@@ -159,7 +159,7 @@ def chat_completion(cfg: JudgeConfig, prompt: str) -> str:
 
 def judge(cfg: JudgeConfig, predictions: Sequence[str], references: Sequence[str],
           instructions: Sequence[str | None] | None = None) -> JudgeResult:
-    """Score every (prediction, reference) pair with the rubric; returns raw and normalised scores."""
+    """Score every (prediction, reference) pair with the rubric; returns raw and normalized scores."""
     if instructions is None:
         instructions = [None] * len(predictions)
     prompts = [build_prompt(i, r, p) for p, r, i in zip(predictions, references, instructions)]
@@ -170,12 +170,12 @@ def judge(cfg: JudgeConfig, predictions: Sequence[str], references: Sequence[str
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         raw = list(pool.map(one, prompts))
-    norm = [normalise_score(s, cfg.normalise) for s in raw]
+    norm = [normalize_score(s, cfg.normalize) for s in raw]
     ok = [s for s in raw if not math.isnan(s)]
     ok_n = [s for s in norm if not math.isnan(s)]
-    return JudgeResult(scores=raw, normalised=norm, mean_raw=sum(ok) / len(ok) if ok else math.nan,
-                       mean_normalised=sum(ok_n) / len(ok_n) if ok_n else math.nan, n=len(ok),
-                       unparsed=len(raw) - len(ok), normalise=cfg.normalise)
+    return JudgeResult(scores=raw, normalized=norm, mean_raw=sum(ok) / len(ok) if ok else math.nan,
+                       mean_normalized=sum(ok_n) / len(ok_n) if ok_n else math.nan, n=len(ok),
+                       unparsed=len(raw) - len(ok), normalize=cfg.normalize)
 
 
 __all__ = [
@@ -185,6 +185,6 @@ __all__ = [
     "build_prompt",
     "chat_completion",
     "judge",
-    "normalise_score",
+    "normalize_score",
     "parse_score",
 ]

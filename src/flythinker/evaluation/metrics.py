@@ -24,8 +24,8 @@ Aggregation (`mode`):
 
 METEOR tokenisation: `nltk.word_tokenize`'s pipeline (Punkt sentence splitting, then NLTKWordTokenizer per
 sentence) with the splitter `resources.sentence_splitter` provides: NLTK's trained English Punkt when `punkt_tab`
-is installed, else an untrained Punkt splitter, which differs only around periods after abbreviations and initials.
-`meteor_tokenizer_kind()` says which is in use and reports record it.
+is installed, else an untrained Punkt splitter, which differs only around periods after abbreviations and initials
+(how much that moves METEOR: docs/metrics.md). `meteor_tokenizer_kind()` says which is in use and reports record it.
 
 BERTScore: the encoder is a local folder (`resources.resolve_bertscore_model`; default the packaged
 all-MiniLM-L6-v2 at its last layer). Scores are comparable only between runs that used the same encoder + layer.

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, from_dict
-from ..utils import UserError
 from ..predictions import PredictionSet, read_predictions
+from ..utils import UserError
 from .bootstrap import paired_bootstrap
 from .metrics import DEFAULT_METRICS, METRIC_LABELS, Scores, check_metrics, score_examples
 from .segments import DEFAULT_BOUNDARIES, DEFAULT_SEGMENT_METRICS, parse_boundaries, plot_segments, segment_scores
+
 
 @dataclass
 class EvalConfig:
@@ -181,16 +182,16 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
     if cfg.judge is not None:
         from .judge import judge
 
-        info["judge"] = {"url": cfg.judge.url, "model": cfg.judge.model, "normalise": cfg.judge.normalise}
+        info["judge"] = {"url": cfg.judge.url, "model": cfg.judge.model, "normalize": cfg.judge.normalize}
         for s in sets:
             sc = scores[s.method]
             pos = {i: k for k, i in enumerate(s.ids)}
             rows = [pos[i] for i in sc.ids]  # the pairs that were scored (non-empty), in score order
             res = judge(cfg.judge, [s.predictions[k].strip() for k in rows],
                         [s.references[k].strip() for k in rows], [s.inputs[k] for k in rows])
-            sc.per_example["judge"] = np.array(res.normalised, dtype=np.float64)
-            sc.values["judge"] = res.mean_normalised
-            methods[s.method]["metrics"]["judge"] = _num(res.mean_normalised)
+            sc.per_example["judge"] = np.array(res.normalized, dtype=np.float64)
+            sc.values["judge"] = res.mean_normalized
+            methods[s.method]["metrics"]["judge"] = _num(res.mean_normalized)
             methods[s.method]["judge"] = {k: _num(v) if isinstance(v, float) else v
                                           for k, v in res.as_dict().items()}
 
@@ -265,8 +266,8 @@ def render_markdown(report: EvalReport) -> str:
         lines.append(f"- METEOR tokenisation: {info['meteor_tokenizer']}.")
     if "judge" in info:
         j = info["judge"]
-        how = "(s−1)/4" if j["normalise"] == "minmax" else "s/5"
-        lines.append(f"- LLM judge: `{j['model']}` at {j['url']}, paper rubric (Figure 9), 1–5 normalised as {how}.")
+        how = "(s−1)/4" if j["normalize"] == "minmax" else "s/5"
+        lines.append(f"- LLM judge: `{j['model']}` at {j['url']}, paper rubric (Figure 9), 1–5 normalized as {how}.")
     lines += ["", "## Scores", "", "| method | n | dropped | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols)
               + " |", "|---|---:|---:|" + "---:|" * len(cols)]
     for name, m in report.methods.items():

@@ -4,7 +4,7 @@
 A method is a plug-in: one file under methods/ that defines a `Method` and one line in `methods/__init__.py`.
 The trainer, the generate verb, the experiments and the server only talk to this protocol:
   * `build(args)` -> (fresh model, tokenizer), via `from_lms(generator, reasoner, args)`; the model's forward(input_ids, attention_mask, labels) returns an
-    object with `loss_sum` and `n_tokens` (the trainer normalises by supervised tokens over a window), and it
+    object with `loss_sum` and `n_tokens` (the trainer normalizes by supervised tokens over a window), and it
     offers `trainable_parts()` for optimizer groups and optionally `prepare_training(...)` before step 1;
   * the model's `generate` / `stream` (via `flythinker.decoding.GenerationMixin`, whose loop drives the model's
     own `decoder`);

@@ -1,7 +1,7 @@
 """The training loop, method-agnostic (paper Algorithm 1, Eq. 7-9 for FlyThinker; the same loop trains SFT and any
 other method's model).
 
-Owns `fit`: gradient accumulation normalised by supervised-token count across the window and all processes,
+Owns `fit`: gradient accumulation normalized by supervised-token count across the window and all processes,
 clipping, autocast, a JSONL loss log, a progress bar, periodic atomic checkpoints and exact resume; the
 deterministic, shardable data order (`windows_for_epoch`); and `validate` (teacher-forced dev NLL). Runs
 single-process on CPU/GPU and under `accelerate launch` (DDP) unchanged.
@@ -22,8 +22,14 @@ from torch import nn
 from ..config import to_dict
 from ..data.collate import IGNORE_INDEX, collate
 from ..utils import UserError, seed_everything
-from .checkpoint import latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_checkpoint, \
-    set_rng_state
+from .checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainArgs
 from .optim import lr_lambda, param_groups
 
@@ -72,7 +78,7 @@ def fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, p
     `trainable_parts()` for the optimizer groups, optionally `prepare_training(features, calibration_examples,
     pad_token_id)` run before any weight is loaded or updated, and `save_pretrained` / `from_pretrained`.
 
-    Loss normalisation: within an optimizer window (grad_accum micro-batches x all processes) every supervised
+    Loss normalization: within an optimizer window (grad_accum micro-batches x all processes) every supervised
     token weighs the same, i.e. loss = Σ NLL / Σ tokens over the window, not a mean of per-batch means.
     """
     from accelerate import Accelerator

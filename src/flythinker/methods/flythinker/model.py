@@ -38,7 +38,7 @@ class FlyThinkerOutput:
     """Result of a teacher-forced forward pass.
 
     loss: mean next-token NLL over supervised tokens (scalar) or None without labels.
-    loss_sum / n_tokens: the summed NLL and the count it averages over, so a trainer can normalise a gradient-
+    loss_sum / n_tokens: the summed NLL and the count it averages over, so a trainer can normalize a gradient-
         accumulation window by its total supervised-token count instead of averaging per-batch means.
     logits: (B, T, V) Generator logits.
     reasoner_states: (B, T, H_R) R's final-layer states r_i (unshifted), or None when fusion is off.

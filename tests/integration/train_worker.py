@@ -1,4 +1,4 @@
-"""Run by tests/training/test_loop.py under `accelerate launch` (2 CPU processes): trains tiny models a few steps and writes
+"""Run by tests/integration/test_ddp.py under `accelerate launch` (2 CPU processes): trains tiny models a few steps and writes
 the losses and a parameter checksum per rank to OUT_DIR."""
 
 import json
@@ -6,13 +6,11 @@ import sys
 
 import torch
 
-from flythinker.testing import tiny_lm
 from flythinker.methods import ModelArgs, get_method
+from flythinker.testing import tiny_lm
 from flythinker.training.config import TrainArgs
 from flythinker.training.loop import fit
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_loop import make_features  # noqa: E402
+from tests.training.test_loop import make_features  # PYTHONPATH is the repository root
 
 
 def main(out_dir: str, batch_size: int) -> None:
