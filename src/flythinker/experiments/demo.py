@@ -32,8 +32,7 @@ class DemoConfig:
     out: str = "out/demo"
     """Output folder (predictions, metrics.json, report.md, segments.png, checkpoints)."""
     train_examples: int = 48
-    """Training examples used (first N of user/train); sized so the full demo takes minutes on 2 CPU cores
-    (README states the measured time)."""
+    """Training examples used (first N of user/train); sized so the full demo takes minutes on 2 CPU cores."""
     eval_examples: int = 24
     """Held-out examples generated and scored (first N of user/dev)."""
     seed: int = 0
