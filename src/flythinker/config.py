@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -75,12 +76,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return False
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return tp(value)
-        except (TypeError, ValueError):
+            out = tp(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is float and not math.isfinite(out):  # nan / inf parse as floats and poison a whole run
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return out
     if tp is str:
         return str(value)
     if tp is dict or origin is dict:
@@ -112,21 +118,30 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; one-line errors for a missing, binary, non-UTF-8 or malformed file."""
     import yaml
 
+    from .safeio import read_text
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    text = read_text(p, "config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: keys must be names; got {bad[0]!r}")
     return data
 
 

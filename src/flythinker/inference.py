@@ -1,6 +1,10 @@
 """Inference from a saved or in-memory model: the `Predictor` that the generate verb, the experiments and the
 server share. It builds each example's prompt with the data layer, decodes with the model's `generate` / `stream`
 under one `DecodeConfig`, and turns new tokens into text.
+
+Also the checkpoint side of a safe `generate`: `validate_checkpoint` / `load_checkpoint` turn a damaged checkpoint
+into one line naming the file before any output is touched, and `run_fingerprint` gives the checkpoint, data and
+decode fingerprints every predictions line records, so a resume with another model or settings is refused.
 """
 
 from __future__ import annotations
@@ -46,14 +50,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, data_cfg: Any = None, decode: DecodeConfig | None = None,
-                        dtype: str = "auto") -> "Predictor":
+                        dtype: str = "auto") -> Predictor:
         """Load `ckpt` (see `load_checkpoint`); prompt settings default to the checkpoint's training ones."""
         from .config import from_dict
         from .data import DataConfig
 
         model, tok = load_checkpoint(ckpt, dtype)
         if data_cfg is None:
-            data_cfg = from_dict(DataConfig, dict(checkpoint_train_config(Path(ckpt)).get("data") or {}),
+            saved = checkpoint_train_config(Path(ckpt)).get("data")
+            data_cfg = from_dict(DataConfig, dict(saved) if isinstance(saved, dict) else {},
                                  where=f"{ckpt}/train_config.json data")
         return cls(model, tok, data_cfg, decode)
 
@@ -119,14 +124,30 @@ def model_predict_fn(model: Any, tokenizer: Any, data_cfg: Any, decode: DecodeCo
 
 
 def checkpoint_train_config(ckpt: Path) -> dict[str, Any]:
-    p = ckpt / "train_config.json"
-    if not p.is_file():
+    """The checkpoint's train_config.json (the trainer's full config), or {} when it has none. A file that is there
+    but unreadable, not JSON or not an object is a UserError naming it: prompts silently built with other settings
+    than training's would be worse than an error."""
+    p = Path(ckpt) / "train_config.json"
+    if not p.exists():
         return {}
+    return _json_object(p, "checkpoint training config")
+
+
+def _json_object(p: Path, what: str, any_value: bool = False) -> Any:
+    """A JSON file that must hold an object (any JSON value with `any_value`); one line naming the file otherwise."""
+    from .safeio import read_text
+
+    text = read_text(p, what)
     try:
-        cfg = json.loads(p.read_text())
-    except ValueError:
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
+        obj = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{p}: {what} is not valid JSON (nested too deeply); the checkpoint is damaged") from None
+    except ValueError as e:
+        raise UserError(f"{p}: {what} is not valid JSON ({str(e).splitlines()[0]}); the checkpoint is damaged") \
+            from None
+    if not any_value and not isinstance(obj, dict):
+        raise UserError(f"{p}: {what} must be a JSON object, got {type(obj).__name__}; the checkpoint is damaged")
+    return obj
 
 
 def default_method_name(ckpt: Path) -> str:
@@ -138,17 +159,149 @@ def default_method_name(ckpt: Path) -> str:
         meta = json.loads((ckpt / "flythinker.json").read_text())
     except (OSError, ValueError):
         return ckpt.name
-    return "flythinker" if meta.get("has_reasoner") else "sft"
+    return "flythinker" if isinstance(meta, dict) and meta.get("has_reasoner") else "sft"
+
+
+def _lm_dirs(meta: dict[str, Any]) -> list[str]:
+    return ["generator", "reasoner"] if meta.get("has_reasoner") else ["generator"]
+
+
+def validate_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """Check a FlyThinker checkpoint directory's structure before anything loads it, and return its flythinker.json.
+
+    Each problem is a UserError naming the file: a missing or non-directory checkpoint; flythinker.json missing,
+    binary, not JSON, not an object or without its "flythinker" settings (or with invalid ones); a missing
+    generator/ (or reasoner/ when the checkpoint says it has one) or its config.json; a JSON file in them that does
+    not parse; no weights; a truncated or damaged .safetensors file (its header and extent are checked, which reads
+    only the header); a train_config.json that is not a JSON object. Loading can still fail later in ways this does not foresee: `load_checkpoint` turns those
+    into one line too."""
+    from .config import ConfigError
+
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise UserError(f"checkpoint {ckpt}: not found")
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {ckpt}: not a directory (a FlyThinker checkpoint is a folder with "
+                        f"flythinker.json)")
+    meta_file = ckpt / "flythinker.json"
+    if not meta_file.exists():
+        raise UserError(f"{ckpt}: not a FlyThinker checkpoint (no flythinker.json)")
+    meta = _json_object(meta_file, "checkpoint config")
+    if not isinstance(meta.get("flythinker"), dict):
+        raise UserError(f"{meta_file}: no 'flythinker' settings object; not written by FlyThinker.save_pretrained, "
+                        f"or damaged")
+    from .methods.flythinker.config import FlyThinkerConfig
+
+    try:
+        FlyThinkerConfig.from_dict(meta["flythinker"])
+    except (ConfigError, ValueError, TypeError) as e:
+        raise UserError(f"{meta_file}: {str(e).splitlines()[0]}") from None
+    weights = ["fusion.safetensors"] if meta.get("has_projection") or meta.get("calibrated") else []
+    for name in _lm_dirs(meta):
+        d = ckpt / name
+        if not d.is_dir():
+            raise UserError(f"{d}: missing (the checkpoint's {name} model folder)")
+        if not (d / "config.json").is_file():
+            raise UserError(f"{d / 'config.json'}: missing (the {name} model's config)")
+        for f in sorted(d.glob("*.json")):  # configs, tokenizer, shard index: damaged ones fail deep in transformers
+            _json_object(f, f"{name} file", any_value=f.name != "config.json")
+        found = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin"))
+        if not found:
+            raise UserError(f"{d}: no model weights (model.safetensors); the checkpoint is incomplete")
+        weights += [str(f.relative_to(ckpt)) for f in found if f.suffix == ".safetensors"]
+    for rel in weights:
+        _check_safetensors(ckpt / rel)
+    checkpoint_train_config(ckpt)  # the prompt settings generate defaults to
+    return meta
+
+
+def _check_safetensors(p: Path) -> None:
+    from safetensors import safe_open
+
+    if not p.is_file():
+        raise UserError(f"{p}: missing (the checkpoint says it has these weights)")
+    try:
+        with safe_open(str(p), framework="pt"):
+            pass
+    except Exception as e:  # noqa: BLE001 -- SafetensorError and OSError alike mean the file is unusable
+        raise UserError(f"{p}: damaged weights file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"copy or save the checkpoint again") from None
+
+
+def checkpoint_fingerprint(ckpt: str | Path) -> str:
+    """A digest of everything in a checkpoint that decides its predictions: flythinker.json, train_config.json,
+    fusion.safetensors and every file under generator/ and reasoner/ (weights, configs, tokenizer), by content, so
+    a retrained or other checkpoint differs and a copied one does not. training_state.pt (optimizer state) is
+    left out."""
+    from .safeio import file_digest, fingerprint
+
+    ckpt = Path(ckpt)
+    files = [ckpt / n for n in ("flythinker.json", "train_config.json", "fusion.safetensors")]
+    for name in ("generator", "reasoner"):
+        if (ckpt / name).is_dir():
+            files += sorted(p for p in (ckpt / name).rglob("*") if p.is_file())
+    digests = {}
+    for p in files:
+        if p.is_file():
+            try:
+                digests[p.relative_to(ckpt).as_posix()] = file_digest(p, 32)
+            except OSError as e:
+                raise UserError(f"{p}: cannot read ({e.strerror})") from None
+    return fingerprint(digests)
+
+
+def data_fingerprint(examples: Sequence[Any], data_cfg: Any) -> str:
+    """A digest of the examples (ids, users, inputs, references, profiles, task; by content, so the same data
+    under another path agrees and an edited file does not) and of the prompt settings they are rendered with."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        rec = dataclasses.asdict(ex) if dataclasses.is_dataclass(ex) else dict(ex)
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "replace"))
+        h.update(b"\n")
+    from .safeio import fingerprint
+
+    prompt = dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else data_cfg
+    return fingerprint({"examples": h.hexdigest(), "prompt": prompt})
+
+
+def decode_fingerprint(decode: DecodeConfig, dtype: str = "auto") -> str:
+    """A digest of the settings that decide the decoded text: new-token budget, batch size (chunk seeding,
+    padding), the dtype flag, and for sampling its temperature, top-p, top-k and seed (greedy ignores those, so
+    changing them does not block a greedy resume). The backend (`concurrent`, threads) does not enter."""
+    from .safeio import fingerprint
+
+    d = decode
+    greedy = not d.do_sample or d.temperature == 0
+    settings: dict[str, Any] = {"max_new_tokens": d.max_new_tokens, "batch_size": d.batch_size, "dtype": dtype,
+                                "greedy": greedy, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id}
+    if not greedy:
+        settings.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed=d.seed)
+    return fingerprint(settings)
+
+
+def run_fingerprint(ckpt: str | Path, examples: Sequence[Any], data_cfg: Any, decode: DecodeConfig,
+                    dtype: str = "auto") -> dict[str, str]:
+    """The `run` object stored in every predictions line (see flythinker.predictions): checkpoint, data + prompt
+    settings, decode settings."""
+    return {"checkpoint": checkpoint_fingerprint(ckpt), "data": data_fingerprint(examples, data_cfg),
+            "decode": decode_fingerprint(decode, dtype)}
 
 
 def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
-    """FlyThinker.from_pretrained(ckpt) on the default device, in eval mode, with its tokenizer."""
+    """FlyThinker.from_pretrained(ckpt) on the default device, in eval mode, with its tokenizer.
+
+    The directory is checked first (`validate_checkpoint`); whatever loading still raises (transformers,
+    safetensors, torch) becomes one UserError naming the checkpoint."""
     import torch
 
     from .methods.flythinker.model import FlyThinker
     from .utils import autocast_dtype, default_device
 
     ckpt = Path(ckpt)
+    validate_checkpoint(ckpt)
     device = default_device()
     if dtype == "auto":
         torch_dtype = autocast_dtype(device)
@@ -156,12 +309,17 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         model = FlyThinker.from_pretrained(ckpt, dtype=torch_dtype)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UserError(f"cannot load checkpoint {ckpt}: {str(e).splitlines()[0]}") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a damaged checkpoint can raise anything from the loaders
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise UserError(f"cannot load checkpoint {ckpt}: {first}") from None
     if model.tokenizer is None:
         raise UserError(f"{ckpt}/generator has no tokenizer files; save the checkpoint with its tokenizer")
     return model.to(device).eval(), model.tokenizer
 
 
-__all__ = ["Predictor", "checkpoint_train_config", "decode_new_tokens", "default_method_name", "load_checkpoint",
-           "model_predict_fn"]
+__all__ = ["Predictor", "checkpoint_fingerprint", "checkpoint_train_config", "data_fingerprint", "decode_fingerprint",
+           "decode_new_tokens", "default_method_name", "load_checkpoint", "model_predict_fn", "run_fingerprint",
+           "validate_checkpoint"]

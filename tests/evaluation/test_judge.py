@@ -116,9 +116,9 @@ def test_server_error_retries_then_clear_error():
 
 
 def test_client_error_is_not_retried():
-    with FakeServer(lambda body: (404, '{"error": "model not found"}')) as srv:
-        with pytest.raises(UserError, match="HTTP 404.*model not found"):
-            judge(JudgeConfig(url=srv.url, model="nope", retries=3, backoff=0.01), ["x"], ["y"])
+    with FakeServer(lambda body: (404, '{"error": "model not found"}')) as srv, \
+            pytest.raises(UserError, match="HTTP 404.*model not found"):
+        judge(JudgeConfig(url=srv.url, model="nope", retries=3, backoff=0.01), ["x"], ["y"])
     assert len(srv.requests) == 1
 
 
@@ -190,3 +190,72 @@ def test_evaluate_judge_from_config_with_flag_override(tmp_path):
     assert data["info"]["judge"]["normalize"] == "div5"  # the flag overrides the YAML
     assert data["methods"]["sft"]["metrics"]["judge"] == pytest.approx(0.4)
     assert data["methods"]["fly"]["metrics"]["judge"] == 1.0
+
+
+def test_empty_predictions_are_not_sent_and_get_the_lowest_score():
+    with FakeServer(lambda body: (200, "4")) as srv:
+        res = judge(JudgeConfig(url=srv.url, model="m", workers=1), ["a text", "  ", None, ""], ["r"] * 4)
+    assert len(srv.requests) == 1
+    assert res.scores == [4.0, 1.0, 1.0, 1.0] and res.normalized == [0.75, 0.0, 0.0, 0.0]
+    assert res.empty == 3 and res.n == 4 and res.unparsed == 0 and res.mean_normalized == pytest.approx(0.1875)
+    with FakeServer(lambda body: (200, "4")) as srv:
+        res = judge(JudgeConfig(url=srv.url, model="m", normalize="div5"), [""], ["r"])
+    assert srv.requests == [] and res.normalized == [0.2]  # the rubric's floor on the div5 scale
+
+
+def test_a_failing_judge_cancels_the_requests_not_yet_sent():
+    with FakeServer(lambda body: (404, '{"error": "no such model"}')) as srv, \
+            pytest.raises(UserError, match="HTTP 404"):
+        judge(JudgeConfig(url=srv.url, model="m", workers=1, retries=0), [f"p{i}" for i in range(20)], ["r"] * 20)
+    assert len(srv.requests) <= 2  # not 20: one failure ends the run
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"url": "127.0.0.1:8000/v1"}, "not an http"),
+    ({"url": "ftp://host/v1"}, "not an http"),
+    ({"timeout": float("nan")}, "timeout must be a finite number > 0"),
+    ({"timeout": 0}, "timeout must be a finite number > 0"),
+    ({"backoff": float("inf")}, "backoff must be a finite"),
+    ({"temperature": float("nan")}, "temperature must be a finite"),
+    ({"retries": -1}, "retries must be an integer >= 0"),
+    ({"workers": 0}, "workers must be an integer >= 1"),
+    ({"max_tokens": 0}, "max_tokens must be"),
+])
+def test_bad_settings_are_refused_before_any_request(kw, match):
+    with pytest.raises(UserError, match=match):
+        JudgeConfig(**{"url": "http://127.0.0.1:9/v1", "model": "m", **kw})
+
+
+def test_evaluate_unreachable_judge_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Nothing listens on 127.0.0.1:9: one error line naming the endpoint, before any metric or file."""
+    from flythinker.cli.main import main
+
+    rows = [{"id": f"e{i}", "prediction": "a text", "reference": "ref"} for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("judge:\n  url: http://127.0.0.1:9/v1\n  model: m\n  retries: 0\n  timeout: 5\n")
+    t0 = time.perf_counter()
+    rc = main(["evaluate", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--config", str(cfg),
+               "--metrics", "rouge1", "--segments", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert "judge endpoint http://127.0.0.1:9/v1/chat/completions failed after 1 attempt(s)" in err
+    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 30
+
+
+def test_evaluate_judge_scores_empty_predictions_zero_paired_with_the_others(tmp_path):
+    from flythinker.evaluation.report import EvalConfig, run_evaluation
+
+    rows_a = [{"id": f"e{i}", "prediction": "a warm text", "reference": "ref"} for i in range(4)]
+    rows_b = [{"id": f"e{i}", "prediction": "a warm text" if i < 2 else "", "reference": "ref"} for i in range(4)]
+    for name, rows in (("full", rows_a), ("half", rows_b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with FakeServer(_score_by_content) as srv:
+        cfg = EvalConfig(metrics=("rouge1",), segments=None, n_boot=50,
+                         judge=JudgeConfig(url=srv.url, model="fake", workers=1))
+        rep = run_evaluation([tmp_path / "full.jsonl", tmp_path / "half.jsonl"], tmp_path / "out", cfg)
+    assert len(srv.requests) == 6  # 4 + the 2 non-empty ones
+    assert rep.methods["half"]["metrics"]["judge"] == 0.5 and rep.methods["half"]["judge"]["empty"] == 2
+    assert rep.scores["half"].per_example["judge"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    d = rep.comparisons["vs_baseline"]["half"]["judge"]
+    assert d["n"] == 4 and d["diff"] == -0.5

@@ -67,22 +67,100 @@ def test_score_returns_requested_keys_n_and_dropped():
     assert all(isinstance(out[k], float) for k in ("rouge1", "bleu"))
 
 
-def test_empty_sides_are_stripped_dropped_and_counted():
+def test_longlamp_mode_strips_drops_and_counts_empty_sides():
+    """LongLaMP's compatibility mode keeps its pre-processing: pairs with an empty side are dropped, counted."""
     preds = ["  good album  ", "", "   ", None, "great songs", "ok"]
     refs = ["good record", "x", "y", "z", "  \n ", "ok fine"]
-    out = M.score(preds, refs, metrics=("rouge1", "rougeL", "bleu"))
+    out = M.score(preds, refs, metrics=("rouge1", "rougeL", "bleu"), mode="longlamp")
     assert out["n"] == 2 and out["dropped"] == 4
-    kept = M.score(["good album", "ok"], ["good record", "ok fine"], metrics=("rouge1", "rougeL", "bleu"))
+    kept = M.score(["good album", "ok"], ["good record", "ok fine"], metrics=("rouge1", "rougeL", "bleu"),
+                   mode="longlamp")
     for k in ("rouge1", "rougeL", "bleu"):
         assert out[k] == kept[k]
-    s = M.score_examples(preds, refs, metrics=("rouge1",), ids=list("abcdef"))
-    assert s.ids == ["a", "f"]
+    s = M.score_examples(preds, refs, metrics=("rouge1",), ids=list("abcdef"), mode="longlamp")
+    assert s.ids == ["a", "f"] and s.empty == 0
 
 
-def test_all_dropped_gives_nan():
-    out = M.score(["", " "], ["a", "b"], metrics=("rouge1", "bleu"))
+def test_longlamp_all_dropped_gives_nan():
+    out = M.score(["", " "], ["a", "b"], metrics=("rouge1", "bleu"), mode="longlamp")
     assert out["n"] == 0 and out["dropped"] == 2
     assert math.isnan(out["rouge1"]) and math.isnan(out["bleu"])
+
+
+def test_empty_prediction_scores_zero_and_cannot_raise_the_score():
+    """Issue 4: a method that writes nothing for its wrong half must not beat one that writes something."""
+    refs = ["the warm album", "honest lyrics here", "a slow song", "great vocals too"]
+    silent = [refs[0], refs[1], "", "   "]  # right half exact, wrong half empty
+    out = M.score(silent, refs, metrics=("rouge1", "rougeL", "bleu"))
+    assert out["n"] == 4 and out["dropped"] == 0
+    assert out["rouge1"] == out["rougeL"] == 0.5  # 1, 1, 0, 0 -- not 1.00 over the two it wrote
+    s = M.score_examples(silent, refs, metrics=("rouge1", "bleu"), ids=list("abcd"))
+    assert s.ids == list("abcd") and s.empty == 2
+    assert s.per_example["rouge1"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    # BLEU counts an empty prediction as an empty hypothesis: what sacrebleu does with an "" line.
+    import sacrebleu
+
+    assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu([refs[0], refs[1], "", ""], [refs]).score, abs=1e-9)
+    assert s.bleu_stats[2].tolist() == [0, 3, 0, 0, 0, 0, 0, 0, 0, 0]  # no hypothesis, reference length 3
+    assert M.score(["", None], refs[:2], metrics=("rouge1", "bleu")) == {"rouge1": 0.0, "bleu": 0.0, "n": 2,
+                                                                          "dropped": 0}
+    # The compatibility mode drops them instead, and says so.
+    ll = M.score(silent, refs, metrics=("rouge1",), mode="longlamp")
+    assert ll["rouge1"] == 1.0 and ll["n"] == 2 and ll["dropped"] == 2
+
+
+def test_non_empty_predictions_score_as_before():
+    """The zero rule changes nothing when every prediction has text: "mean" equals the library on every pair."""
+    out = M.score(PREDS, REFS, metrics=("rouge1", "rougeL", "bleu"))
+    rows = M.rouge_scores(PREDS, REFS, ("rouge1", "rougeL"))
+    assert out["rouge1"] == float(np.mean([r["rouge1"].fmeasure for r in rows]))
+    import sacrebleu
+
+    assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score, abs=1e-9)
+
+
+def test_empty_reference_is_an_error_in_mean_mode():
+    with pytest.raises(UserError, match=r"reference of example 'b' is empty or missing \(2 such pair"):
+        M.score_examples(["x", "y", "z"], ["a", " ", None], metrics=("rouge1",), ids=["a", "b", "c"])
+    with pytest.raises(UserError, match="reference of pair 0 is empty"):
+        M.score(["x"], [""], metrics=("bleu",))
+
+
+def test_empty_prediction_zero_for_meteor(wordnet):
+    out = M.score_examples(["a cat sat on the mat", ""], ["the cat sat on a mat", "a dog"], metrics=("meteor",))
+    direct = M.meteor_scores(["a cat sat on the mat"], ["the cat sat on a mat"])[0]
+    assert out.per_example["meteor"].tolist() == [direct, 0.0] and out.values["meteor"] == direct / 2
+
+
+def test_empty_prediction_zero_for_bertscore_without_calling_it(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_f1(preds, refs, model_dir, layers, batch_size=16, device=None):
+        calls.append(list(preds))
+        return [0.9] * len(preds)
+
+    monkeypatch.setattr(M, "bertscore_f1", fake_f1)
+    monkeypatch.setattr(R, "resolve_bertscore_model", lambda m=None: tmp_path)
+    monkeypatch.setattr(R, "default_bertscore_layers", lambda m: 1)
+    out = M.score_examples(["good", "  ", "fine"], ["a", "b", "c"], metrics=("bertscore",))
+    assert calls == [["good", "fine"]]  # the empty prediction is never sent to the encoder
+    assert out.per_example["bertscore"].tolist() == [0.9, 0.0, 0.9] and out.empty == 1
+    calls.clear()
+    assert M.score(["", ""], ["a", "b"], metrics=("bertscore",))["bertscore"] == 0.0 and calls == []
+
+
+def test_paired_bootstrap_uses_the_same_zeros():
+    refs = ["the warm album", "honest lyrics here", "a slow song", "great vocals too"]
+    silent = M.score_examples([refs[0], refs[1], "", ""], refs, metrics=("rouge1", "bleu"), ids=list("abcd"))
+    tries = M.score_examples([refs[0], refs[1], "a song", "vocals"], refs, metrics=("rouge1", "bleu"),
+                             ids=list("abcd"))
+    d = B.paired_bootstrap(silent, tries, n_boot=200)
+    assert d["rouge1"].n == 4
+    assert d["rouge1"].diff == pytest.approx(float(np.mean(silent.per_example["rouge1"] - tries.per_example["rouge1"])))
+    assert d["rouge1"].diff < 0  # writing nothing is worse than writing something partly right
+    assert d["bleu"].n == 4
+    assert d["bleu"].diff == pytest.approx(M.bleu_from_stats(silent.bleu_stats.sum(0))
+                                           - M.bleu_from_stats(tries.bleu_stats.sum(0)))
 
 
 def test_bad_arguments_are_user_errors():

@@ -65,11 +65,11 @@ def test_split_segments_decodes_token_slices(tokenizer):
     assert split_segments("short", tokenizer, parse_boundaries("0,2,500,600"))[2] == ""
 
 
-def test_segment_scores_drop_pairs_empty_in_a_segment(tokenizer):
+def test_segment_scores_longlamp_drop_pairs_empty_in_a_segment(tokenizer):
     long_ref = " ".join(REFS)
     preds = [" ".join(GOOD), "Short one.", "", "x"]
     refs = [long_ref, long_ref, long_ref, "   "]
-    rows = segment_scores(preds, refs, tokenizer, "0,10,40,10000", metrics=FAST)
+    rows = segment_scores(preds, refs, tokenizer, "0,10,40,10000", metrics=FAST, mode="longlamp")
     assert [r["segment"] for r in rows] == ["[0,10)", "[10,40)", "[40,10000)"]
     assert rows[0]["n"] == 2 and rows[0]["dropped"] == 2   # the empty prediction and the empty reference
     n_short = len(tokenizer("Short one.", add_special_tokens=False)["input_ids"])
@@ -78,7 +78,42 @@ def test_segment_scores_drop_pairs_empty_in_a_segment(tokenizer):
     # Each segment is scored exactly like its decoded texts scored directly.
     segs = parse_boundaries("0,10,40,10000")
     p0, r0 = split_segments(preds[0], tokenizer, segs), split_segments(refs[0], tokenizer, segs)
-    assert rows[2]["rouge1"] == M.score([p0[2]], [r0[2]], metrics=("rouge1",))["rouge1"]
+    assert rows[2]["rouge1"] == M.score([p0[2]], [r0[2]], metrics=("rouge1",), mode="longlamp")["rouge1"]
+
+
+def test_segment_scores_mean_mode_score_empty_predictions_zero(tokenizer):
+    """A prediction that stops early (or writes nothing) scores 0 in the segments its reference reaches; a pair whose
+    reference ends before a segment is left out of that segment only."""
+    long_ref = " ".join(REFS)
+    preds = [" ".join(GOOD), "Short one.", "", "A short reference's prediction that runs on and on and on."]
+    refs = [long_ref, long_ref, long_ref, "Short."]
+    rows = segment_scores(preds, refs, tokenizer, "0,10,40,10000", metrics=FAST)
+    assert [(r["n"], r["empty"], r["dropped"]) for r in rows] == [(4, 1, 0), (3, 2, 1), (3, 2, 1)]
+    segs = parse_boundaries("0,10,40,10000")
+    p0, r0 = split_segments(preds[0], tokenizer, segs), split_segments(refs[0], tokenizer, segs)
+    # [10,40): the long prediction, and two zeros for the short and the empty one
+    direct = M.score([p0[1], "", ""], [r0[1]] * 3, metrics=("rouge1",))["rouge1"]
+    assert rows[1]["rouge1"] == direct == pytest.approx(M.score([p0[1]], [r0[1]], metrics=("rouge1",))["rouge1"] / 3)
+    with pytest.raises(UserError, match="reference of pair 1 is empty"):
+        segment_scores(["a", "b"], ["a", " "], tokenizer, "0,10", metrics=FAST)
+
+
+def test_plot_is_written_atomically(tmp_path, tokenizer, monkeypatch):
+    """A failure (or a kill) while the PNG is rendered leaves the previous plot whole and no temporary file."""
+    from matplotlib.figure import Figure
+
+    rows = {"good": segment_scores(GOOD, REFS, tokenizer, "0,5,10", metrics=("rouge1",))}
+    out = plot_segments(rows, tmp_path / "seg.png", metrics=["rouge1"])
+    before = out.read_bytes()
+
+    def half_then_die(self, f, **kw):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_die)
+    with pytest.raises(OSError):
+        plot_segments(rows, out, metrics=["rouge1"])
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["seg.png"]
 
 
 def test_plot_segments_writes_png(tmp_path, tokenizer):
@@ -167,8 +202,12 @@ def test_run_evaluation_baseline_flag_and_mode(tmp_path):
     assert rep.segments is None
     with pytest.raises(UserError, match="--baseline 'zzz'"):
         run_evaluation([a, b], tmp_path / "o2", EvalConfig(metrics=("rouge1",), segments=None, baseline="zzz"))
-    with pytest.raises(UserError, match="two files have method 'a'"):
+    a2 = _write(tmp_path / "a2.jsonl", _rows(GOOD, REFS), method="a")
+    with pytest.raises(UserError, match=r"two files have method 'a': .*a\.jsonl and .*a2\.jsonl"):
+        run_evaluation([a, a2], tmp_path / "o3", EvalConfig(metrics=("rouge1",), segments=None))
+    with pytest.raises(UserError, match="a.jsonl: prediction file given twice"):
         run_evaluation([a, a], tmp_path / "o3", EvalConfig(metrics=("rouge1",), segments=None))
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # refused: nothing written
 
 
 def test_segments_skipped_without_tokenizer(tmp_path):
@@ -251,3 +290,204 @@ def test_cli_config_unknown_key_is_one_line_exit_2(tmp_path, capsys, yaml_text, 
     assert rc == 2
     assert err.count("\n") == 0 and "unknown key" in err and key in err and "eval.yaml" in err
     assert not (tmp_path / "out").exists()  # rejected before any scoring
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate: empty predictions, the example set, outputs
+
+
+def _cfg(**kw):
+    return EvalConfig(**{"metrics": ("rouge1", "bleu"), "segments": None, "n_boot": 50, **kw})
+
+
+def test_empty_predictions_score_zero_in_report_bootstrap_and_summary(tmp_path):
+    """Issue 4 end to end: writing nothing for the wrong half gives ROUGE-1 0.6 (3 right of 5), not 1.00."""
+    from flythinker.evaluation.report import summary_lines
+
+    silent = _write(tmp_path / "silent.jsonl", _rows(REFS[:3] + ["", None], REFS))
+    tries = _write(tmp_path / "tries.jsonl", _rows(REFS[:3] + BAD[3:], REFS))
+    rep = run_evaluation([tries, silent], tmp_path / "out", _cfg())
+    m = rep.methods["silent"]
+    assert m["n"] == 5 and m["empty"] == 2 and m["dropped"] == 0
+    assert m["metrics"]["rouge1"] == pytest.approx(0.6)
+    assert m["metrics"]["rouge1"] < rep.methods["tries"]["metrics"]["rouge1"]
+    ci = rep.comparisons["vs_baseline"]["silent"]
+    assert ci["rouge1"]["n"] == 5 and ci["rouge1"]["diff"] < 0 and ci["bleu"]["n"] == 5
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert data["methods"]["silent"]["empty"] == 2 and "scored 0" in data["info"]["empty_predictions"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| method | n | empty |" in md and "| silent | 5 | 2 |" in md and "scores 0 on every metric" in md
+    assert "silent: n=5 empty=2 (scored 0)" in "\n".join(summary_lines(rep))
+
+
+def test_longlamp_mode_says_how_many_it_dropped(tmp_path, capsys):
+    from flythinker.cli.main import main
+
+    silent = _write(tmp_path / "silent.jsonl", _rows(REFS[:3] + ["", None], REFS))
+    tries = _write(tmp_path / "tries.jsonl", _rows(REFS[:3] + BAD[3:], REFS))
+    out = tmp_path / "out"
+    assert main(["evaluate", str(tries), str(silent), "--out", str(out), "--metrics", "rouge1", "--segments",
+                 "none", "--mode", "longlamp", "--n-boot", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "silent: n=3 dropped=2" in printed and "note: --mode longlamp dropped 2 pair(s)" in printed
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["methods"]["silent"]["dropped"] == 2 and data["methods"]["silent"]["metrics"]["rouge1"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "| method | n | dropped |" in md and "| silent | 3 | 2 |" in md and "2 pair(s) over all methods" in md
+
+
+def test_empty_reference_is_refused_in_mean_mode_and_dropped_in_longlamp(tmp_path):
+    rows = _rows(GOOD, REFS[:2] + ["  ", None] + REFS[4:])
+    f = _write(tmp_path / "noref.jsonl", rows)
+    with pytest.raises(UserError, match=r"noref\.jsonl: id 'ex2' has an empty or missing reference \(2 such"):
+        run_evaluation([f], tmp_path / "out", _cfg())
+    assert not (tmp_path / "out").exists()
+    rep = run_evaluation([f], tmp_path / "out", _cfg(mode="longlamp"))
+    assert rep.methods["noref"]["n"] == 3 and rep.methods["noref"]["dropped"] == 2
+
+
+def test_different_references_for_the_same_id_are_refused(tmp_path):
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    b = _write(tmp_path / "b.jsonl", _rows(GOOD, REFS[:3] + ["Another text.", REFS[4] + "  "]))
+    with pytest.raises(UserError, match=r"a\.jsonl and .*b\.jsonl have different references for id 'ex3' "
+                                        r"\(1 of 5 shared ids differ\)"):
+        run_evaluation([a, b], tmp_path / "out", _cfg())
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_with_different_ids_are_refused_unless_common_ids(tmp_path, capsys):
+    from flythinker.cli.main import main
+    from flythinker.evaluation.report import summary_lines
+
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    b = _write(tmp_path / "b.jsonl", _rows(BAD[:3], REFS[:3]) + [{"id": "zz", "prediction": "x", "reference": "y"}])
+    with pytest.raises(UserError, match=r"a\.jsonl and .*b\.jsonl do not hold the same examples: 2 id\(s\) only in "
+                                        r".*a\.jsonl \(e\.g\. 'ex3'\), 1 id\(s\) only in .*b\.jsonl \(e\.g\. 'zz'\); "
+                                        r".*--common-ids .* 3 id\(s\)"):
+        run_evaluation([a, b], tmp_path / "out", _cfg())
+    assert not (tmp_path / "out").exists()
+    rep = run_evaluation([a, b], tmp_path / "out", _cfg(common_ids=True))
+    assert rep.methods["a"]["n"] == rep.methods["b"]["n"] == 3
+    assert rep.methods["a"]["metrics"]["rouge1"] == M.score(GOOD[:3], REFS[:3], metrics=("rouge1",))["rouge1"]
+    assert rep.info["examples"] == {"n": 3, "common_ids": True, "left_out": {"a": 2, "b": 1}}
+    assert "note: --common-ids: every method scored on the 3 ids all files share; ids left out: a 2, b 1" in \
+        summary_lines(rep)
+    assert "`--common-ids`" in (tmp_path / "out" / "report.md").read_text()
+    c = _write(tmp_path / "c.jsonl", [{"id": "only-c", "prediction": "x", "reference": "y"}])
+    with pytest.raises(UserError, match="--common-ids: the files share no example id"):
+        run_evaluation([a, c], tmp_path / "o2", _cfg(common_ids=True))
+    # the flag on the command line
+    assert main(["evaluate", str(a), str(b), "--out", str(tmp_path / "o3"), "--metrics", "rouge1", "--segments",
+                 "none", "--n-boot", "10", "--common-ids"]) == 0
+    assert "note: --common-ids" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo", "missing", "binary", "empty"])
+def test_bad_prediction_paths_are_one_line_errors(tmp_path, kind):
+    import os
+
+    p = tmp_path / "p.jsonl"
+    if kind == "dir":
+        p.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "binary":
+        p.write_bytes(b'{"id": "a", "prediction": "x", "reference": "y"}\n\x89PNG\r\n\x1a\n\xff\xfe\n')
+    elif kind == "empty":
+        p.write_bytes(b"")
+    match = {"dir": "p.jsonl: is a directory", "fifo": "p.jsonl: is a pipe", "missing": "prediction file not found",
+             "binary": r"p\.jsonl:2: not UTF-8", "empty": "p.jsonl: no predictions"}[kind]
+    with pytest.raises(UserError, match=match):
+        run_evaluation([p], tmp_path / "out", _cfg())
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_checks_before_scoring(tmp_path):
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    f = tmp_path / "file"
+    f.write_text("keep")
+    with pytest.raises(UserError, match="--out .*file: exists and is not a directory"):
+        run_evaluation([a], f, _cfg())
+    with pytest.raises(UserError, match="--out .*file/sub: .*file is not a directory"):
+        run_evaluation([a], f / "sub", _cfg())
+    with pytest.raises(UserError, match="--out /dev/null: exists and is not a directory"):
+        run_evaluation([a], "/dev/null", _cfg())
+    out = tmp_path / "out"
+    (out / "metrics.json").mkdir(parents=True)
+    with pytest.raises(UserError, match="metrics.json: is a directory"):
+        run_evaluation([a], out, _cfg())
+    with pytest.raises(UserError, match="report.md there is the input file"):
+        run_evaluation([_write(tmp_path / "report.md", _rows(GOOD, REFS))], tmp_path, _cfg())
+    assert f.read_text() == "keep"
+
+
+def test_outputs_are_atomic_and_locked(tmp_path, monkeypatch):
+    """A failure while the report is written leaves every earlier file whole; a held lock refuses the run."""
+    from flythinker.evaluation import report as report_mod
+    from flythinker.safeio import exclusive_lock
+
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    out = tmp_path / "out"
+    run_evaluation([a], out, _cfg())
+    before = {n: (out / n).read_bytes() for n in ("metrics.json", "report.md")}
+    with exclusive_lock(out, "--out"), pytest.raises(UserError, match="in use by another flythinker process"):
+        run_evaluation([a], out, _cfg(seed=1))
+    real = report_mod.atomic_write_text
+
+    def fail_on_report(path, text):
+        if Path(path).name == "report.md":
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(report_mod, "atomic_write_text", fail_on_report)
+    with pytest.raises(UserError, match="--out .*: cannot write the report \\(No space left on device\\)"):
+        run_evaluation([a], out, _cfg(seed=2))
+    assert (out / "report.md").read_bytes() == before["report.md"]
+    assert json.loads((out / "metrics.json").read_text())["info"]["seed"] == 2  # whole, the new one
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"n_boot": 0}, "--n-boot must be an integer >= 1"),
+    ({"confidence": float("nan")}, "--confidence: must be a finite number"),
+    ({"confidence": 1.0}, r"--confidence must be in \(0, 1\)"),
+    ({"seed": -1}, "--seed must be an integer >= 0"),
+    ({"bertscore_layers": 0}, "--bertscore-layers must be"),
+    ({"metrics": ("bogus",)}, "unknown metric 'bogus'"),
+    ({"mode": "median"}, "--mode must be"),
+])
+def test_eval_config_checked_before_reading(tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        run_evaluation([tmp_path / "never-read.jsonl"], tmp_path / "out", _cfg(**kw))
+
+
+@pytest.mark.parametrize("yaml_text,words", [
+    ("confidence: .nan\n", ("confidence", "finite")),
+    ("n_boot: .inf\n", ("n_boot", "int")),
+    ("judge:\n  url: http://127.0.0.1:9/v1\n  model: m\n  timeout: .inf\n", ("timeout", "finite")),
+    ("judge:\n  url: http://127.0.0.1:9/v1\n  model: m\n  backoff: .nan\n", ("backoff", "finite")),
+    ("judge:\n  url: ftp://127.0.0.1/v1\n  model: m\n", ("ftp://127.0.0.1/v1", "not an http(s) URL")),
+])
+def test_cli_config_bad_values_are_one_line(tmp_path, capsys, yaml_text, words):
+    """Non-finite numbers and bad judge settings in YAML: one line naming the key (the generic config layer or
+    EvalConfig / JudgeConfig's own checks, whichever sees it first), nothing written."""
+    from flythinker.cli.main import main
+
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml_text)
+    rc = main(["evaluate", str(a), "--out", str(tmp_path / "out"), "--config", str(cfg), "--segments", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_config_binary_is_one_line(tmp_path, capsys):
+    from flythinker.cli.main import main
+
+    a = _write(tmp_path / "a.jsonl", _rows(GOOD, REFS))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_bytes(b"metrics: [rouge1]\n\xff\xfe\x00\x01")
+    rc = main(["evaluate", str(a), "--out", str(tmp_path / "out"), "--config", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "eval.yaml: --config file is binary" in err

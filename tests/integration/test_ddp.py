@@ -1,5 +1,6 @@
 """Data-parallel training under `accelerate launch` (2 CPU processes, DDP over gloo) equals one process with the
-same global batch."""
+same global batch; a run the main process refuses (its out_dir holds another run) stops every process instead of
+leaving the others waiting at a barrier."""
 
 import json
 import os
@@ -30,3 +31,8 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
     assert r0 == r1
     assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert r0["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+    # A second fresh run into the same out_dir is refused on rank 0; rank 1 must stop too (no hang).
+    again = subprocess.run(cmd + [worker, str(ddp), "1"], check=False, env=env, timeout=300, capture_output=True,
+                           text=True)
+    assert again.returncode != 0
+    assert "already holds a training run" in again.stderr

@@ -92,3 +92,29 @@ ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], scopes: [out
         variant = FlyThinker.from_pretrained(out / split / "FT-std" / "train" / "final")
         assert variant.config.normalize == "standardize" and variant.calibrated
     assert "| FT-std |" in (out / "summary.md").read_text()
+
+
+def test_study_refuses_to_reuse_a_training_done_with_other_settings(tmp_path, tokenizer, capsys):
+    """A re-run whose settings changed must not silently reuse the old trained model or predictions."""
+    from flythinker.experiments.synthetic import write_demo_dataset
+    from flythinker.testing import tiny_lm
+
+    gen_dir = tmp_path / "gen"
+    tiny_lm("llama", seed=1, num_layers=2, max_positions=2048).save_pretrained(gen_dir)
+    tokenizer.save_pretrained(gen_dir)
+    write_demo_dataset(tmp_path / "data", seed=1, n_users_train=3, n_users_test=2, items_per_user=6)
+    base = ["study", "--data_root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--splits", "user",
+            "--methods", "sft", "--train_examples", "2", "--eval_examples", "2", "--bertscore", "false",
+            "--model.generator", str(gen_dir), "--data.k", "1", "--data.profile_tokens", "32",
+            "--data.target_tokens", "16", "--train.batch_size", "2", "--train.grad_accum", "1",
+            "--train.progress", "false", "--decode.max_new_tokens", "4", "--ablation.lams", "",
+            "--ablation.reasoner_layers", ""]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--train.lr_generator", "1.0e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lr_generator" in err[0] and "SFT" in err[0]
+    assert main(base + ["--decode.max_new_tokens", "5"]) == 2  # same model, other decoding: predictions refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decode settings changed" in err[0]
+    assert main(base) == 0  # the unchanged config still reuses everything

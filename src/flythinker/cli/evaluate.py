@@ -1,8 +1,9 @@
 """The `evaluate` verb: score prediction files and write metrics.json, report.md and the position-sensitive plot.
 
 Only the command line lives here: the flags, `--config YAML` (keys are `EvalConfig`'s fields, with a nested `judge:`
-section of `JudgeConfig`'s; flags override it; an unknown key is an error naming it), and what the verb prints.
-The evaluation itself is `flythinker.evaluation.report`.
+section of `JudgeConfig`'s; flags override it; an unknown key, a binary or non-UTF-8 file, a directory or a pipe is
+an error naming it), and what the verb prints. The evaluation itself, with every check of the prediction files and
+of `--out`, is `flythinker.evaluation.report`; every refusal is one line on stderr and writes nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (metrics.json, report.md, segments.png)")
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="YAML whose keys are the settings below (metrics, mode, segments, segment_metrics, "
-                             "tokenizer, bertscore_model, bertscore_layers, baseline, n_boot, confidence, seed; "
-                             "judge: {url, model, timeout, normalize, workers, ...}); flags override it")
+                             "tokenizer, bertscore_model, bertscore_layers, baseline, common_ids, n_boot, "
+                             "confidence, seed; judge: {url, model, timeout, retries, normalize, workers, ...}); "
+                             "flags override it")
     parser.add_argument("--metrics", default=_S, help=f"comma-separated (default: all of {','.join(d.metrics)})")
     parser.add_argument("--mode", default=_S, choices=("mean", "longlamp"),
-                        help="mean: plain means; longlamp: ROUGE as LongLaMP's bootstrap median (seeded)")
+                        help="mean: plain means, an empty prediction scores 0 (default); longlamp: LongLaMP's "
+                             "compatibility mode: pairs with an empty side dropped and counted, ROUGE as its "
+                             "bootstrap median (seeded)")
     parser.add_argument("--segments", default=_S,
                         help="token boundaries of the position-sensitive evaluation (last may be 'end'); "
                              f"'none' to skip (default: {d.segments})")
@@ -43,6 +47,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bertscore-layers", type=int, default=_S,
                         help="encoder layer for BERTScore (default: its last layer)")
     parser.add_argument("--baseline", default=_S, help="method the others are compared with (default: first)")
+    parser.add_argument("--common-ids", dest="common_ids", action="store_true", default=_S,
+                        help="score every file on the example ids all files share (the count left out is printed "
+                             "and recorded) instead of refusing files that do not hold the same ids")
     parser.add_argument("--n-boot", type=int, default=_S, help=f"bootstrap resamples (default {d.n_boot})")
     parser.add_argument("--confidence", type=float, default=_S, help=f"(default: {d.confidence})")
     parser.add_argument("--seed", type=int, default=_S, help=f"(default: {d.seed})")
@@ -64,7 +71,10 @@ def eval_config(args: argparse.Namespace) -> Any:
     """The EvalConfig of a parsed command line: EvalConfig's defaults < the --config YAML < flags."""
     from ..config import load_yaml
     from ..evaluation.report import EvalConfig
+    from ..safeio import read_text
 
+    if args.config:
+        read_text(args.config, "--config file")  # missing, not a regular file, binary, not UTF-8: one line
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     settings = {f.name for f in fields(EvalConfig)} - {"judge"}
     for name, value in vars(args).items():  # only the flags given (the others are SUPPRESSed)

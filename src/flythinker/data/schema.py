@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..safeio import check_json_text, decode_line, special_kind
 from ..utils import UserError
 
 TASKS: tuple[str, ...] = ("product_review", "abstract_generation", "topic_writing", "generic")
@@ -101,16 +102,18 @@ def _open_text(path: Path):
 
 
 def _read_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode_line(raw, path, lineno)  # a non-UTF-8 byte: file and line, not a codec traceback
                 if not line.strip():
                     continue
                 try:
                     yield f"{path} line {lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
@@ -119,7 +122,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         with _open_text(path) as f:
             text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     try:
         data = json.loads(text)
@@ -311,6 +316,7 @@ def _to_example(rec: Any, where: str, task: str, require_output: bool) -> Exampl
     rec = _clean(rec)
     rid = str(rec["id"]) if "id" in rec else None
     label = f"{where} (id {rid})" if rid is not None else where
+    check_json_text(rec, label)  # a lone "\ud800" escape is valid JSON but no tokenizer or file can take it
     required = ("input", "output", "profile") if require_output else ("input", "profile")
     for key in required:
         if key not in rec:
@@ -347,6 +353,8 @@ def _resolve_source(path_or_name: Any, split: str | None) -> tuple[Iterator[tupl
         base, _, suffix = text.rpartition(":")          # "DIR:SPLIT" / "FILE:SPLIT" shorthand
         if Path(base).expanduser().exists() and re.fullmatch(r"[\w-]+", suffix):
             p, split = Path(base).expanduser(), split or suffix
+    if p.exists() and not (p.is_file() or p.is_dir()):
+        raise UserError(f"{p}: is {special_kind(p)}; datasets are read from regular files (or a directory of them)")
     if p.is_file():
         return _read_file(p), str(p)
     if p.is_dir():

@@ -51,7 +51,9 @@ def paired_bootstrap(a: Scores, b: Scores, metrics: Iterable[str] | None = None,
     Each resample draws n example ids with replacement (the same draw for A and B, which is what pairs them) and
     recomputes each metric on it: the mean for per-example metrics, corpus BLEU from the summed statistics for
     BLEU. Seeded (numpy Generator), so the same inputs give the same intervals. Examples whose per-example value
-    is NaN for either method (e.g. an unparsed judge reply) are left out of that metric."""
+    is NaN for either method (e.g. an unparsed judge reply) are left out of that metric. An empty prediction is
+    not left out: it is in `Scores` as its zeros (and, for BLEU, its empty-hypothesis statistics), the rule
+    `flythinker.evaluation.metrics` scores it by."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1); got {confidence}")
     pos_b = {i: k for k, i in enumerate(b.ids)}

@@ -8,7 +8,12 @@ Normalization: Table 5 reports 0-1 numbers for a 1-5 rubric without saying how t
 `normalize="div5"`. The raw 1-5 mean is always reported too, so either convention can be recovered.
 The reply must be a score only; we take the first integer 1-5 in it. A reply with none counts as unparsed (NaN,
 reported), not as an error; a failing endpoint (HTTP error, refused connection, timeout after retries) is a
-UserError naming the URL.
+UserError naming the URL, and the requests not yet sent are cancelled (an unreachable judge fails in about one
+request's time, not once per example).
+
+Empty predictions (empty after stripping) are not sent: they get the rubric's lowest score, 1 ("completely
+unrelated"), i.e. 0 under the default minmax normalization (0.2 under div5), the judge's form of the rule that a
+method writing nothing scores 0 (`flythinker.evaluation.metrics`). `JudgeResult.empty` counts them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +34,8 @@ from typing import Any, Literal
 from ..utils import UserError
 
 JudgeNormalize = Literal["minmax", "div5"]
+EMPTY_PREDICTION_SCORE = 1.0
+"""The raw 1-5 score an empty prediction gets without asking the judge: the rubric's lowest."""
 
 # Figure 9 of the paper, verbatim in content; the three placeholders are filled per example.
 RUBRIC = """You are an impartial evaluator tasked with assessing how well an LLM-generated response reflects the \
@@ -78,12 +86,27 @@ class JudgeConfig:
     """"minmax": (s-1)/4 (default); "div5": s/5."""
 
     def __post_init__(self) -> None:
+        """Every setting checked before any request: a bad URL or a non-finite timeout is a one-line error here,
+        not a traceback from urllib later."""
         if not self.url:
             raise UserError("--judge-url is empty")
+        parts = urllib.parse.urlsplit(str(self.url))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UserError(f"--judge-url {self.url!r}: not an http(s) URL such as http://127.0.0.1:8000/v1")
         if not self.model:
             raise UserError("--judge-model is required with --judge-url")
         if self.normalize not in ("minmax", "div5"):
             raise UserError(f"judge normalize must be 'minmax' or 'div5'; got {self.normalize!r}")
+        for name, low, strict in (("timeout", 0.0, True), ("backoff", 0.0, False), ("temperature", 0.0, False)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                    or (v <= low if strict else v < low):
+                raise UserError(f"judge {name} must be a finite number {'>' if strict else '>='} {low:g}; "
+                                f"got {v!r}")
+        for name, low in (("retries", 0), ("workers", 1), ("max_tokens", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise UserError(f"judge {name} must be an integer >= {low}; got {v!r}")
 
 
 @dataclass
@@ -95,12 +118,15 @@ class JudgeResult:
     mean_raw: float
     mean_normalized: float
     n: int
+    """Items with a score (replies parsed, plus empty predictions)."""
     unparsed: int
     normalize: str
+    empty: int = 0
+    """Empty predictions: not sent, scored `EMPTY_PREDICTION_SCORE`."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"mean_raw": self.mean_raw, "mean_normalized": self.mean_normalized, "n": self.n,
-                "unparsed": self.unparsed, "normalize": self.normalize}
+                "unparsed": self.unparsed, "empty": self.empty, "normalize": self.normalize}
 
 
 def build_prompt(instruction: str | None, reference: str, prediction: str) -> str:
@@ -159,26 +185,39 @@ def chat_completion(cfg: JudgeConfig, prompt: str) -> str:
 
 def judge(cfg: JudgeConfig, predictions: Sequence[str], references: Sequence[str],
           instructions: Sequence[str | None] | None = None) -> JudgeResult:
-    """Score every (prediction, reference) pair with the rubric; returns raw and normalized scores."""
+    """Score every (prediction, reference) pair with the rubric; returns raw and normalized scores.
+
+    An empty prediction is not sent and scores `EMPTY_PREDICTION_SCORE`. The first request that fails for good
+    raises its UserError and cancels the requests not yet started."""
     if instructions is None:
         instructions = [None] * len(predictions)
-    prompts = [build_prompt(i, r, p) for p, r, i in zip(predictions, references, instructions)]
+    send = [k for k, p in enumerate(predictions) if (p or "").strip()]
+    prompts = [build_prompt(instructions[k], references[k], predictions[k]) for k in send]
 
     def one(prompt: str) -> float:
         s = parse_score(chat_completion(cfg, prompt))
         return float(s) if s is not None else math.nan
 
+    raw = [EMPTY_PREDICTION_SCORE] * len(predictions)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        raw = list(pool.map(one, prompts))
+        futures = [pool.submit(one, prompt) for prompt in prompts]
+        try:
+            for k, fut in zip(send, futures):
+                raw[k] = fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
     norm = [normalize_score(s, cfg.normalize) for s in raw]
     ok = [s for s in raw if not math.isnan(s)]
     ok_n = [s for s in norm if not math.isnan(s)]
     return JudgeResult(scores=raw, normalized=norm, mean_raw=sum(ok) / len(ok) if ok else math.nan,
                        mean_normalized=sum(ok_n) / len(ok_n) if ok_n else math.nan, n=len(ok),
-                       unparsed=len(raw) - len(ok), normalize=cfg.normalize)
+                       unparsed=len(raw) - len(ok), normalize=cfg.normalize, empty=len(raw) - len(send))
 
 
 __all__ = [
+    "EMPTY_PREDICTION_SCORE",
     "RUBRIC",
     "JudgeConfig",
     "JudgeResult",

@@ -1,12 +1,13 @@
 """The metric registry and the scoring entry points, with LongLaMP's exact conventions, computed offline.
 
 Owns: `Metric` and the registry `METRICS` (every metric `score` computes: its key, label, scale and how it is
-computed), `DEFAULT_METRICS` / `METRIC_LABELS` / `check_metrics` derived from it, LongLaMP's pre-processing
-(`clean_pairs`: strip both sides, drop pairs with an empty side, count them), `score` / `score_examples` / `Scores`,
+computed), `DEFAULT_METRICS` / `METRIC_LABELS` / `check_metrics` derived from it, the pre-processing of each mode
+(`prepare_pairs`; LongLaMP's own is `clean_pairs`), the empty-prediction rule, `score` / `score_examples` / `Scores`,
 and the metric functions: ROUGE-1 / ROUGE-L F1 (`rouge_score`, no stemmer), corpus BLEU (`sacrebleu` defaults: 13a,
 exp smoothing, 0-100), METEOR (`nltk.translate.meteor_score`, alpha 0.9, beta 3, gamma 0.5, over
 `word_tokenize`-equivalent tokens), BERTScore F1 (`bert_score` with a local encoder folder, no baseline rescaling).
-Adding a metric is one `Metric` entry in `METRICS` (its `score` function returns a `Computed`).
+Adding a metric is one `Metric` entry in `METRICS` (its `score` function returns a `Computed`, and gives
+an empty prediction 0: `ScoreRequest.fill_empty`).
 
 Not here: the external resources these metrics load (WordNet, NLTK's tokenizers, the BERTScore encoder) are
 `flythinker.evaluation.resources`; confidence intervals for the difference between two methods are
@@ -15,8 +16,21 @@ Not here: the external resources these metrics load (WordNet, NLTK's tokenizers,
 Every metric is a direct call of its reference library with LongLaMP's settings (see shared/reference/facts.md (c));
 nothing is re-implemented. Heavy libraries (nltk, bert_score, rouge_score, sacrebleu) are imported lazily.
 
+Pre-processing and empty predictions (`mode`):
+- "mean" (the default): both sides are stripped and every pair is scored. A prediction that is empty after stripping
+  (None, "", whitespace) is a method that wrote nothing, so it scores 0 on every metric: ROUGE-1/ROUGE-L F1 0,
+  METEOR 0, BERTScore F1 0 (the reference libraries are not called for it), and BLEU counts it as an empty
+  hypothesis (no n-gram matches, no hypothesis length, its reference length still in the brevity penalty -- exactly
+  what `sacrebleu.corpus_bleu` does with an "" line). Dropping such pairs instead would let a method raise its score
+  by writing nothing where it would be wrong. An empty or missing reference is a UserError naming the example:
+  there is nothing to score against, and silently skipping it would change the example set per method.
+  `Scores.empty` counts the empty predictions.
+- "longlamp": LongLaMP's compatibility mode: strip both sides and drop pairs with an empty side before scoring
+  (`clean_pairs`), counted in `Scores.dropped`; the report and the printed summary say how many.
+
 Aggregation (`mode`):
-- "mean": every per-example metric is the plain mean over the scored pairs (deterministic).
+- "mean": every per-example metric is the plain mean over the scored pairs, zeros of empty predictions included
+  (deterministic).
 - "longlamp": ROUGE is what HF `evaluate` reports for LongLaMP: the median (`.mid`) of rouge_score's
   BootstrapAggregator(n_samples=1000) -- here seeded, so it is reproducible. The requested ROUGE keys share one
   aggregator (so one random stream, in the requested order), exactly as `evaluate` does. METEOR and BERTScore are
@@ -66,7 +80,9 @@ class Scores:
     bleu_stats: (n, 10) sacrebleu sufficient statistics per pair [sys_len, ref_len, correct_1..4, total_1..4];
         corpus BLEU of any subset/resample = `bleu_from_stats(stats.sum(0))`.
     ids: the id of each scored pair (the caller's ids, or input positions), aligned with per_example rows.
-    n / dropped: pairs scored / pairs dropped because a side was empty after stripping.
+    n / dropped: pairs scored / pairs dropped because a side was empty after stripping ("longlamp" mode only;
+        always 0 in "mean" mode, which scores every pair).
+    empty: scored pairs whose prediction was empty after stripping, each scored 0 ("mean" mode; 0 in "longlamp").
     info: provenance: mode, seed, METEOR tokenizer, BERTScore encoder and layer.
     """
 
@@ -77,6 +93,7 @@ class Scores:
     dropped: int
     bleu_stats: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    empty: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """`{metric: float, ..., "n": int, "dropped": int}` -- the shape `score` returns."""
@@ -186,7 +203,8 @@ def meteor_tokenizer_kind() -> str:
 
 
 def meteor_scores(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
-    """Per pair `meteor_score([tok(ref)], tok(pred), alpha=0.9, beta=3, gamma=0.5)` (HF evaluate / LongLaMP)."""
+    """Per pair `meteor_score([tok(ref)], tok(pred), alpha=0.9, beta=3, gamma=0.5)` (HF evaluate / LongLaMP).
+    `score` calls it only for non-empty predictions (an empty one scores 0 without it)."""
     if not preds:
         return []
     resources.ensure_wordnet()
@@ -202,7 +220,8 @@ def meteor_scores(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
 
 def bertscore_f1(preds: Sequence[str], refs: Sequence[str], model_dir: str | os.PathLike, layers: int,
                  batch_size: int = 16, device: str | None = None) -> list[float]:
-    """Per-pair BERTScore F1: bert_score with model_type=<local folder>, num_layers=layers, no idf, no rescaling."""
+    """Per-pair BERTScore F1: bert_score with model_type=<local folder>, num_layers=layers, no idf, no rescaling.
+    `score` calls it only for non-empty predictions (an empty one scores 0 without it)."""
     if not preds:
         return []
     import torch
@@ -220,7 +239,10 @@ def bertscore_f1(preds: Sequence[str], refs: Sequence[str], model_dir: str | os.
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """What a metric's `score` function is asked: the cleaned pairs (stripped, none empty) and the options."""
+    """What a metric's `score` function is asked: the prepared pairs and the options.
+
+    Both sides are stripped and every reference is non-empty; a prediction may be "" ("mean" mode), and must then
+    score 0 (BLEU: an empty hypothesis). `nonempty` and `fill_empty` do that for per-example metrics."""
 
     preds: list[str]
     refs: list[str]
@@ -233,6 +255,20 @@ class ScoreRequest:
     @property
     def n(self) -> int:
         return len(self.preds)
+
+    @property
+    def nonempty(self) -> list[int]:
+        """Positions of the pairs whose prediction is not empty."""
+        return [i for i, p in enumerate(self.preds) if p]
+
+    def fill_empty(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]) -> np.ndarray:
+        """One float per pair: `fn(preds, refs)` over the pairs with a non-empty prediction, 0.0 for the others
+        (the empty-prediction rule). `fn` is not called when every prediction is empty."""
+        out = np.zeros(self.n, dtype=np.float64)
+        idx = self.nonempty
+        if idx:
+            out[idx] = np.asarray(fn([self.preds[i] for i in idx], [self.refs[i] for i in idx]), dtype=np.float64)
+        return out
 
 
 @dataclass
@@ -273,20 +309,25 @@ class Metric:
 def per_example_metric(fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
                        info: Callable[[], dict[str, Any]] | None = None) -> ScoreFn:
     """A `Metric.score` for a per-example metric aggregated by its plain mean: `fn(preds, refs)` gives one float
-    per pair; `info()` (optional) the provenance to record."""
+    per pair (it is called only for non-empty predictions; an empty one scores 0); `info()` (optional) the
+    provenance to record."""
 
     def score_fn(req: ScoreRequest, names: tuple[str, ...]) -> Computed:
         (name,) = names
-        per = np.array(fn(req.preds, req.refs), dtype=np.float64)
+        per = req.fill_empty(fn)
         return Computed(values={name: _mean(per)}, per_example={name: per}, info=info() if info else {})
 
     return score_fn
 
 
 def _score_rouge(req: ScoreRequest, names: tuple[str, ...]) -> Computed:
-    rows = rouge_scores(req.preds, req.refs, names)
-    per = {k: np.array([r[k].fmeasure for r in rows], dtype=np.float64) for k in names}
-    if req.mode == "longlamp" and req.n:
+    idx = req.nonempty
+    rows = rouge_scores([req.preds[i] for i in idx], [req.refs[i] for i in idx], names)
+    per = {k: np.zeros(req.n, dtype=np.float64) for k in names}  # an empty prediction: F1 0
+    for k in names:
+        if idx:
+            per[k][idx] = [r[k].fmeasure for r in rows]
+    if req.mode == "longlamp" and req.n:  # "longlamp" pairs are never empty: `rows` is every pair, in order
         values = rouge_bootstrap_mid(rows, names, seed=req.seed)
     else:
         values = {k: _mean(per[k]) for k in names}
@@ -294,15 +335,14 @@ def _score_rouge(req: ScoreRequest, names: tuple[str, ...]) -> Computed:
 
 
 def _score_bleu(req: ScoreRequest, names: tuple[str, ...]) -> Computed:
-    stats = bleu_stats(req.preds, req.refs)
+    stats = bleu_stats(req.preds, req.refs)  # an empty prediction: an empty hypothesis (ref_len only)
     return Computed(values={"bleu": bleu_from_stats(stats.sum(0)) if req.n else math.nan}, bleu_stats=stats)
 
 
 def _score_bertscore(req: ScoreRequest, names: tuple[str, ...]) -> Computed:
     model = resources.resolve_bertscore_model(req.bertscore_model)  # even for zero pairs: a bad folder is an error
     layers = req.bertscore_layers or resources.default_bertscore_layers(model)
-    per = np.array(bertscore_f1(req.preds, req.refs, model, layers, batch_size=req.bertscore_batch_size),
-                   dtype=np.float64)
+    per = req.fill_empty(lambda p, r: bertscore_f1(p, r, model, layers, batch_size=req.bertscore_batch_size))
     return Computed(values={"bertscore": _mean(per)}, per_example={"bertscore": per},
                     info={"bertscore_model": str(model), "bertscore_layers": layers})
 
@@ -334,10 +374,11 @@ METRIC_LABELS: dict[str, str] = {m.name: m.label for m in (*METRICS.values(), *E
 def score(predictions: Sequence[str | None], references: Sequence[str | None],
           metrics: Iterable[str] = DEFAULT_METRICS, mode: Mode = "mean", seed: int = 0,
           bertscore_model: str | os.PathLike | None = None, bertscore_layers: int | None = None) -> dict[str, Any]:
-    """Score predictions against references with LongLaMP's conventions.
+    """Score predictions against references with LongLaMP's metric settings.
 
     Returns one float per requested metric under the same keys, plus "n" (pairs scored) and "dropped" (pairs with
-    an empty side after stripping). Metrics of zero scored pairs are NaN."""
+    an empty side, dropped in "longlamp" mode only). In "mean" mode an empty prediction scores 0 and an empty
+    reference is a UserError (see the module docstring). Metrics of zero scored pairs are NaN."""
     return score_examples(predictions, references, metrics=metrics, mode=mode, seed=seed,
                           bertscore_model=bertscore_model, bertscore_layers=bertscore_layers).as_dict()
 
@@ -346,7 +387,8 @@ def score_examples(predictions: Sequence[str | None], references: Sequence[str |
                    metrics: Iterable[str] = DEFAULT_METRICS, mode: Mode = "mean", seed: int = 0,
                    ids: Sequence[Any] | None = None, bertscore_model: str | os.PathLike | None = None,
                    bertscore_layers: int | None = None, bertscore_batch_size: int = 16) -> Scores:
-    """Like `score`, but keeps the per-example scores (and ids) needed for bootstrap comparisons."""
+    """Like `score`, but keeps the per-example scores (and ids) needed for bootstrap comparisons: in "mean" mode
+    one row per input pair (zeros for empty predictions), in "longlamp" mode one per pair kept."""
     metrics = check_metrics(metrics)
     if mode not in ("mean", "longlamp"):
         raise UserError(f"mode must be 'mean' or 'longlamp'; got {mode!r}")
@@ -354,7 +396,7 @@ def score_examples(predictions: Sequence[str | None], references: Sequence[str |
         raise UserError(f"{len(predictions)} predictions but {len(references)} references")
     if ids is not None and len(ids) != len(predictions):
         raise UserError(f"{len(ids)} ids but {len(predictions)} predictions")
-    preds, refs, kept = clean_pairs(predictions, references)
+    preds, refs, kept = prepare_pairs(predictions, references, mode, ids)
     kept_ids = [ids[i] if ids is not None else i for i in kept]
     req = ScoreRequest(preds, refs, mode=mode, seed=seed, bertscore_model=bertscore_model,
                        bertscore_layers=bertscore_layers, bertscore_batch_size=bertscore_batch_size)
@@ -371,7 +413,7 @@ def score_examples(predictions: Sequence[str | None], references: Sequence[str |
             stats = got.bleu_stats
     ordered = {m: values[m] for m in metrics}
     return Scores(values=ordered, per_example=per, ids=kept_ids, n=req.n, dropped=len(predictions) - req.n,
-                  bleu_stats=stats, info=info)
+                  bleu_stats=stats, info=info, empty=sum(not p for p in preds))
 
 
 def _groups(metrics: Sequence[str]) -> list[tuple[ScoreFn, tuple[str, ...]]]:
@@ -401,9 +443,28 @@ def check_metrics(metrics: Iterable[str] | str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def prepare_pairs(predictions: Sequence[str | None], references: Sequence[str | None], mode: Mode = "mean",
+                  ids: Sequence[Any] | None = None) -> tuple[list[str], list[str], list[int]]:
+    """The pairs `score` scores: (stripped predictions, stripped references, indices of those pairs in the input).
+
+    "mean": every pair, an empty prediction kept as "" (it scores 0); an empty or missing reference is a UserError
+    naming the first such example (its id, else its position) and how many there are. "longlamp": `clean_pairs`."""
+    if mode == "longlamp":
+        return clean_pairs(predictions, references)
+    refs = [(r or "").strip() for r in references]
+    missing = [i for i, r in enumerate(refs) if not r]
+    if missing:
+        i = missing[0]
+        what = f"example {ids[i]!r}" if ids is not None else f"pair {i}"
+        raise UserError(f"the reference of {what} is empty or missing ({len(missing)} such pair(s)); mode 'mean' "
+                        f"scores every pair against its reference (mode 'longlamp' drops such pairs and counts "
+                        f"them)")
+    return [(p or "").strip() for p in predictions], refs, list(range(len(refs)))
+
+
 def clean_pairs(predictions: Sequence[str | None], references: Sequence[str | None]
                 ) -> tuple[list[str], list[str], list[int]]:
-    """LongLaMP pre-processing: strip both sides, drop pairs where either side is None or empty.
+    """LongLaMP pre-processing ("longlamp" mode): strip both sides, drop pairs where either side is None or empty.
 
     Returns (predictions, references, indices of the kept pairs in the input)."""
     preds, refs, kept = [], [], []
@@ -424,6 +485,6 @@ def _mean(x: np.ndarray) -> float:
 __all__ = [
     "DEFAULT_METRICS", "EXTERNAL_METRICS", "METRICS", "METRIC_LABELS", "Computed", "Metric", "Mode",
     "ScoreRequest", "Scores", "bertscore_f1", "bleu_from_stats", "bleu_stats", "check_metrics", "clean_pairs",
-    "corpus_bleu", "meteor_scores", "meteor_tokenize", "meteor_tokenizer_kind", "per_example_metric",
+    "corpus_bleu", "meteor_scores", "meteor_tokenize", "meteor_tokenizer_kind", "per_example_metric", "prepare_pairs",
     "rouge_bootstrap_mid", "rouge_scores", "score", "score_examples",
 ]

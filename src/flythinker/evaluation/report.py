@@ -1,11 +1,21 @@
 """Evaluating prediction files: metrics per method, paired CIs against a baseline, and the report files.
 
-Owns: reading prediction JSONL files (one method per file; the method is the lines' "method" field or the file
-stem; a malformed line is a one-line error naming file and line), `EvalConfig` (what to compute; `from_dict` builds
-and validates it from YAML-style keys), `run_evaluation` (metrics per method, position-sensitive segments, optional
-LLM judge, paired bootstrap CIs of every method against a baseline) and the report files (metrics.json, report.md,
-segments.png). The metric definitions live in `flythinker.evaluation.metrics`, the comparison in
-`.bootstrap`, segments in `.segments`, the judge in `.judge`; the `evaluate` verb is `flythinker.cli.evaluate`.
+Owns: checking and reading the prediction files (one method per file; the method is the lines' "method" field or
+the file stem; the records themselves are parsed by `flythinker.predictions.read_predictions`), checking that the
+files describe the same examples, `EvalConfig` (what to compute; `from_dict` builds and validates it from
+YAML-style keys), `run_evaluation` (metrics per method, position-sensitive segments, optional LLM judge, paired
+bootstrap CIs of every method against a baseline) and the report files (metrics.json, report.md, segments.png).
+The metric definitions live in `flythinker.evaluation.metrics`, the comparison in `.bootstrap`, segments in
+`.segments`, the judge in `.judge`; the `evaluate` verb is `flythinker.cli.evaluate`.
+
+What is refused, before anything is scored or written (each a one-line UserError naming the file(s) and an id):
+a prediction path that is missing, a directory, a pipe or device, unreadable, binary or not UTF-8; the same file
+given twice; two files of one method; files whose references differ for the same id (they are predictions of
+different examples, and their scores cannot be compared); files that do not hold the same ids (unless
+`common_ids`, which scores every file on the ids all share and says how many it left out); an empty reference in
+"mean" mode; an output folder that is a file or device, or holds a directory where a report file goes.
+Outputs are written only when everything was computed, each atomically (temporary file + rename) under the output
+folder's lock, so a kill never leaves half a report and a refused input writes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +34,10 @@ import numpy as np
 
 from ..config import ConfigError, from_dict
 from ..predictions import PredictionSet, read_predictions
+from ..safeio import atomic_write_text, check_output_dir, check_output_file, decode_line, exclusive_lock, finite
 from ..utils import UserError
 from .bootstrap import paired_bootstrap
-from .metrics import DEFAULT_METRICS, METRIC_LABELS, Scores, check_metrics, score_examples
+from .metrics import DEFAULT_METRICS, METRIC_LABELS, Scores, check_metrics, prepare_pairs, score_examples
 from .segments import DEFAULT_BOUNDARIES, DEFAULT_SEGMENT_METRICS, parse_boundaries, plot_segments, segment_scores
 
 
@@ -34,7 +47,9 @@ class EvalConfig:
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
     mode: str = "mean"
-    """"mean" (plain means) or "longlamp" (ROUGE as LongLaMP reports it: seeded bootstrap median)."""
+    """"mean" (plain means; an empty prediction scores 0, an empty reference is an error) or "longlamp" (LongLaMP's
+    compatibility mode: pairs with an empty side dropped and counted; ROUGE as LongLaMP reports it: seeded
+    bootstrap median)."""
     segments: str | None = ",".join(map(str, DEFAULT_BOUNDARIES))
     """Token-position boundaries; None disables the position-sensitive evaluation."""
     segment_metrics: tuple[str, ...] = DEFAULT_SEGMENT_METRICS
@@ -49,6 +64,9 @@ class EvalConfig:
     seed: int = 0
     judge: Any = None
     """A `flythinker.evaluation.judge.JudgeConfig`, or None."""
+    common_ids: bool = False
+    """Score every file on the ids all files share (printed and recorded with how many each file lost) instead of
+    refusing files that do not hold the same ids."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "evaluation config") -> EvalConfig:
@@ -73,17 +91,28 @@ class EvalConfig:
             d["segments"] = ",".join(map(str, seg))
         cfg = from_dict(cls, d, where)
         cfg.judge = _judge_config(judge_section, f"{where}.judge")
-        if cfg.segments:
-            parse_boundaries(cfg.segments)  # fail on a bad spec before any scoring
-        if cfg.n_boot < 1:
-            raise UserError(f"--n-boot must be >= 1; got {cfg.n_boot}")
-        if not 0 < cfg.confidence < 1:
-            raise UserError(f"--confidence must be in (0, 1); got {cfg.confidence}")
-        if cfg.mode not in ("mean", "longlamp"):
-            raise UserError(f"--mode must be 'mean' or 'longlamp'; got {cfg.mode!r}")
-        cfg.metrics = check_metrics(cfg.metrics)
-        cfg.segment_metrics = check_metrics(cfg.segment_metrics)
-        return cfg
+        return cfg.check(where)
+
+    def check(self, where: str = "evaluation config") -> EvalConfig:
+        """Validate every setting (also for an EvalConfig built in code), normalizing the metric lists; returns
+        self. Runs before any file is read, so a bad setting costs nothing."""
+        if self.segments:
+            parse_boundaries(self.segments)  # fail on a bad spec before any scoring
+        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or self.n_boot < 1:
+            raise UserError(f"--n-boot must be an integer >= 1; got {self.n_boot!r}")
+        finite(float(self.confidence), f"{where}: --confidence")
+        if not 0 < self.confidence < 1:
+            raise UserError(f"--confidence must be in (0, 1); got {self.confidence}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be an integer >= 0; got {self.seed!r}")
+        if self.bertscore_layers is not None and (not isinstance(self.bertscore_layers, int)
+                                                  or self.bertscore_layers < 1):
+            raise UserError(f"--bertscore-layers must be an integer >= 1; got {self.bertscore_layers!r}")
+        if self.mode not in ("mean", "longlamp"):
+            raise UserError(f"--mode must be 'mean' or 'longlamp'; got {self.mode!r}")
+        self.metrics = check_metrics(self.metrics)
+        self.segment_metrics = check_metrics(self.segment_metrics)
+        return self
 
 
 def _judge_config(section: Any, where: str) -> Any:
@@ -124,7 +153,139 @@ class EvalReport:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading
+# reading and checking the inputs
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_prediction_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """The prediction paths as regular files, each given once: a missing path, a directory, a pipe (which would
+    block the reader), a device or the same file twice (also under another name) is a UserError naming it."""
+    if not paths:
+        raise UserError("no prediction file given")
+    seen: dict[tuple[int, int], Path] = {}
+    out = []
+    for p in map(Path, paths):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise UserError(f"{p}: prediction file not found") from None
+        except OSError as e:
+            raise UserError(f"{p}: cannot inspect the prediction file ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{p}: is {_kind(st.st_mode)}, not a prediction file (JSONL)")
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            also = "" if str(seen[key]) == str(p) else f" (also as {seen[key]})"
+            raise UserError(f"{p}: prediction file given twice{also}; pass each file once")
+        seen[key] = p
+        out.append(p)
+    return out
+
+
+def read_prediction_file(path: Path) -> PredictionSet:
+    """`read_predictions`, with a read failure or a non-UTF-8 byte turned into a one-line error naming the file
+    (and the line, for a bad byte)."""
+    try:
+        return read_predictions(path)
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+        for lineno, raw in enumerate(data.split(b"\n"), 1):
+            decode_line(raw, path, lineno)  # raises the UserError naming file, line and byte
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the prediction file ({e.strerror})") from None
+
+
+def _subset(s: PredictionSet, keep: set[str]) -> PredictionSet:
+    """`s` restricted to the ids in `keep`, in its own order: every per-record list field is filtered alike."""
+    rows = [k for k, i in enumerate(s.ids) if i in keep]
+    n = len(s.ids)
+    changes = {f.name: [getattr(s, f.name)[k] for k in rows] for f in dataclasses.fields(s)
+               if isinstance(getattr(s, f.name), list) and len(getattr(s, f.name)) == n}
+    return dataclasses.replace(s, **changes)
+
+
+def align_examples(sets: Sequence[PredictionSet], common_ids: bool = False
+                   ) -> tuple[list[PredictionSet], dict[str, Any]]:
+    """Check that the files are predictions of the same examples; returns the sets to score and what was done.
+
+    Ids: every file must hold the same ids as the first (a UserError naming both files, the counts and an example
+    id) unless `common_ids`, which restricts every file to the ids all share (refused when they share none).
+    References: on the ids two files share, the reference must be the same text (compared after stripping, as
+    scored); a difference is a UserError naming both files, an example id and how many differ -- with no opt-out,
+    since scores against different references are not comparable."""
+    base = sets[0]
+    id_sets = [set(s.ids) for s in sets]
+    common = set.intersection(*id_sets)
+    left_out = {s.method: len(s.ids) - len(common) for s in sets}
+    if not common_ids:
+        for s, ids in zip(sets[1:], id_sets[1:]):
+            if ids == id_sets[0]:
+                continue
+            only_a = [i for i in base.ids if i not in ids]
+            only_b = [i for i in s.ids if i not in id_sets[0]]
+            parts = [f"{len(ids_)} id(s) only in {path} (e.g. {ids_[0]!r})" for ids_, path in
+                     ((only_a, base.path), (only_b, s.path)) if ids_]
+            raise UserError(f"{base.path} and {s.path} do not hold the same examples: {', '.join(parts)}; "
+                            f"regenerate the missing predictions, or pass --common-ids to score every file on the "
+                            f"{len(common)} id(s) all files share")
+    elif not common:
+        raise UserError(f"--common-ids: the files share no example id ({', '.join(str(s.path) for s in sets)})")
+    elif any(left_out.values()):
+        sets = [_subset(s, common) for s in sets]
+        base = sets[0]
+    ref_of = {i: (r or "").strip() for i, r in zip(base.ids, base.references)}
+    for s in sets[1:]:
+        differ = [i for i, r in zip(s.ids, s.references) if i in ref_of and (r or "").strip() != ref_of[i]]
+        if differ:
+            raise UserError(f"{base.path} and {s.path} have different references for id {differ[0]!r} "
+                            f"({len(differ)} of {len(common)} shared ids differ); they are predictions of different "
+                            f"examples and cannot be compared -- evaluate them separately")
+    return list(sets), {"n": len(common), "common_ids": bool(common_ids), "left_out": left_out}
+
+
+def check_references(s: PredictionSet, mode: str) -> None:
+    """In "mean" mode every example needs its reference: an empty or missing one is a UserError naming the file
+    and the first such id ("longlamp" drops such pairs and counts them)."""
+    if mode != "mean":
+        return
+    missing = [i for i, r in zip(s.ids, s.references) if not (r or "").strip()]
+    if missing:
+        raise UserError(f"{s.path}: id {missing[0]!r} has an empty or missing reference ({len(missing)} such "
+                        f"id(s)); --mode mean scores every example against its reference (--mode longlamp drops "
+                        f"such pairs and counts them)")
+
+
+REPORT_FILES = {"metrics": "metrics.json", "report": "report.md", "segments_plot": "segments.png"}
+
+
+def check_out_dir(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """`out_dir` can take the report files: it (or, when absent, its nearest existing parent) is a directory, no
+    report file there is a directory or device, and none of them is one of the input files."""
+    check_output_dir(out_dir, "--out")
+    parent = out_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--out {out_dir}: {parent} is not a directory")
+    if not out_dir.is_dir():
+        return
+    for name in REPORT_FILES.values():
+        target = check_output_file(out_dir / name, "--out")
+        for p in inputs:
+            if target.exists() and os.path.samefile(target, p):
+                raise UserError(f"--out {out_dir}: {name} there is the input file {p}; refusing to overwrite it")
 
 
 def load_segment_tokenizer(spec: str) -> tuple[Any, str]:
@@ -152,43 +313,56 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
     """Score every prediction file, compare each method with the baseline, and write metrics.json, report.md
     and (when segments are on and a tokenizer is known) segments.png into `out_dir`.
 
-    tokenizer: an already-loaded Generator tokenizer for the segments (overrides cfg.tokenizer)."""
-    cfg = cfg or EvalConfig()
-    metrics = check_metrics(cfg.metrics)
-    if cfg.mode not in ("mean", "longlamp"):
-        raise UserError(f"--mode must be 'mean' or 'longlamp'; got {cfg.mode!r}")
-    sets = [read_predictions(p) for p in paths]
+    tokenizer: an already-loaded Generator tokenizer for the segments (overrides cfg.tokenizer).
+
+    Every input is checked first (see the module docstring) and every score computed (the judge first, so an
+    unreachable judge fails before the expensive metrics); only then is `out_dir` created and written."""
+    cfg = (cfg or EvalConfig()).check()
+    metrics = cfg.metrics
+    out_dir = Path(out_dir)
+    paths = check_prediction_paths(paths)
+    sets = [read_prediction_file(p) for p in paths]
+    by_method: dict[str, Path] = {}
+    for s in sets:
+        if s.method in by_method:
+            raise UserError(f"two files have method {s.method!r}: {by_method[s.method]} and {s.path}; set distinct "
+                            f"\"method\" fields or file names")
+        by_method[s.method] = s.path
     names = [s.method for s in sets]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"two files have method {dup[0]!r}; set distinct \"method\" fields or file names")
     baseline = cfg.baseline or names[0]
     if baseline not in names:
         raise UserError(f"--baseline {baseline!r} is not one of the methods: {', '.join(names)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    scores: dict[str, Scores] = {}
-    methods: dict[str, dict[str, Any]] = {}
-    info: dict[str, Any] = {"mode": cfg.mode, "seed": cfg.seed, "metrics": list(metrics)}
+    sets, examples = align_examples(sets, cfg.common_ids)
     for s in sets:
-        sc = score_examples(s.predictions, s.references, metrics=metrics, mode=cfg.mode, seed=cfg.seed, ids=s.ids,
-                            bertscore_model=cfg.bertscore_model, bertscore_layers=cfg.bertscore_layers)
-        scores[s.method] = sc
-        methods[s.method] = {"file": str(s.path), "n": sc.n, "dropped": sc.dropped,
-                             "metrics": {k: _num(v) for k, v in sc.values.items()}}
-        info.update({k: v for k, v in sc.info.items() if k not in ("mode", "seed")})
+        check_references(s, cfg.mode)
+    check_out_dir(out_dir, paths)
+    seg_list = parse_boundaries(cfg.segments) if cfg.segments else None
+    tok_desc = None
+    if seg_list is not None and tokenizer is None and cfg.tokenizer:
+        tokenizer, tok_desc = load_segment_tokenizer(cfg.tokenizer)  # before scoring: a bad folder costs nothing
 
+    info: dict[str, Any] = {"mode": cfg.mode, "seed": cfg.seed, "metrics": list(metrics), "examples": examples,
+                            "empty_predictions": EMPTY_RULE[cfg.mode]}
+    judged: dict[str, Any] = {}
     if cfg.judge is not None:
         from .judge import judge
 
         info["judge"] = {"url": cfg.judge.url, "model": cfg.judge.model, "normalize": cfg.judge.normalize}
         for s in sets:
-            sc = scores[s.method]
-            pos = {i: k for k, i in enumerate(s.ids)}
-            rows = [pos[i] for i in sc.ids]  # the pairs that were scored (non-empty), in score order
-            res = judge(cfg.judge, [s.predictions[k].strip() for k in rows],
-                        [s.references[k].strip() for k in rows], [s.inputs[k] for k in rows])
+            preds, refs, kept = prepare_pairs(s.predictions, s.references, cfg.mode, s.ids)  # the pairs scored
+            judged[s.method] = judge(cfg.judge, preds, refs, [s.inputs[k] for k in kept])
+
+    scores: dict[str, Scores] = {}
+    methods: dict[str, dict[str, Any]] = {}
+    for s in sets:
+        sc = score_examples(s.predictions, s.references, metrics=metrics, mode=cfg.mode, seed=cfg.seed, ids=s.ids,
+                            bertscore_model=cfg.bertscore_model, bertscore_layers=cfg.bertscore_layers)
+        scores[s.method] = sc
+        methods[s.method] = {"file": str(s.path), "n": sc.n, "dropped": sc.dropped, "empty": sc.empty,
+                             "metrics": {k: _num(v) for k, v in sc.values.items()}}
+        info.update({k: v for k, v in sc.info.items() if k not in ("mode", "seed")})
+        if s.method in judged:  # judged on the same pairs, in the same order, as scored
+            res = judged[s.method]
             sc.per_example["judge"] = np.array(res.normalized, dtype=np.float64)
             sc.values["judge"] = res.mean_normalized
             methods[s.method]["metrics"]["judge"] = _num(res.mean_normalized)
@@ -210,13 +384,10 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
                                                 for k, v in d.as_dict().items()} for m, d in diffs.items()}
 
     segments = None
-    files = {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md")}
-    if cfg.segments:
-        seg_list = parse_boundaries(cfg.segments)
-        seg_metrics = tuple(m for m in check_metrics(cfg.segment_metrics))
-        tok_desc = None
-        if tokenizer is None and cfg.tokenizer:
-            tokenizer, tok_desc = load_segment_tokenizer(cfg.tokenizer)
+    per_method = None
+    files = {"metrics": str(out_dir / REPORT_FILES["metrics"]), "report": str(out_dir / REPORT_FILES["report"])}
+    if seg_list is not None:
+        seg_metrics = cfg.segment_metrics
         if tokenizer is None:
             segments = {"skipped": "no Generator tokenizer given (pass --tokenizer DIR)"}
         else:
@@ -225,9 +396,7 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
                                                    bertscore_model=cfg.bertscore_model,
                                                    bertscore_layers=cfg.bertscore_layers)
                           for s in sets}
-            png = plot_segments(per_method, out_dir / "segments.png", metrics=list(seg_metrics),
-                                title="Position-sensitive evaluation")
-            files["segments_plot"] = str(png)
+            files["segments_plot"] = str(out_dir / REPORT_FILES["segments_plot"])
             segments = {"boundaries": cfg.segments, "tokenizer": tok_desc or getattr(tokenizer, "name_or_path", "")
                         or type(tokenizer).__name__, "metrics": list(seg_metrics),
                         "methods": {m: [{k: _num(v) if isinstance(v, float) else v for k, v in row.items()}
@@ -235,9 +404,34 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
 
     report = EvalReport(methods=methods, segments=segments, comparisons=comparisons, info=info, files=files,
                         scores=scores)
-    (out_dir / "metrics.json").write_text(json.dumps(report.as_dict(), indent=2, sort_keys=False) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    _write_report(report, out_dir, per_method)
     return report
+
+
+def _write_report(report: EvalReport, out_dir: Path, per_method: dict[str, Any] | None) -> None:
+    """Create `out_dir` and write the plot, metrics.json and report.md, each atomically, under the folder's lock
+    (two evaluations into one folder never interleave their files)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
+    with exclusive_lock(out_dir, "--out"):
+        try:
+            if per_method is not None:
+                plot_segments(per_method, out_dir / REPORT_FILES["segments_plot"],
+                              metrics=list(report.segments["metrics"]), title="Position-sensitive evaluation")
+            atomic_write_text(out_dir / REPORT_FILES["metrics"],
+                              json.dumps(report.as_dict(), indent=2, sort_keys=False) + "\n")
+            atomic_write_text(out_dir / REPORT_FILES["report"], render_markdown(report))
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: cannot write the report ({e.strerror or e})") from None
+
+
+EMPTY_RULE = {
+    "mean": "scored 0 on every metric (BLEU: an empty hypothesis; judge: the rubric's lowest score)",
+    "longlamp": "pairs with an empty prediction or reference dropped before scoring (LongLaMP), counted in dropped",
+}
+"""What each mode does with an empty prediction, as metrics.json records it (info.empty_predictions)."""
 
 
 def _num(v: Any) -> Any:
@@ -256,7 +450,21 @@ def render_markdown(report: EvalReport) -> str:
     lines.append(f"- Aggregation: `{info['mode']}`" + (" (ROUGE = median of 1000 seeded bootstrap means, as "
                                                        "LongLaMP reports it)" if info["mode"] == "longlamp" else
                                                        " (plain means; BLEU is corpus-level)"))
-    lines.append("- Pre-processing: both sides stripped; pairs with an empty side dropped (column *dropped*).")
+    longlamp = info["mode"] == "longlamp"
+    if longlamp:
+        total = sum(m["dropped"] for m in report.methods.values())
+        lines.append(f"- Pre-processing (LongLaMP compatibility mode): both sides stripped; pairs with an empty "
+                     f"prediction or reference dropped before scoring: {total} pair(s) over all methods (column "
+                     f"*dropped*). `--mode mean` scores an empty prediction as 0 instead.")
+    else:
+        lines.append("- Pre-processing: both sides stripped; every pair scored. An empty prediction scores 0 on "
+                     "every metric (BLEU counts it as an empty hypothesis; the judge gives it the rubric's lowest "
+                     "score), column *empty*; an empty reference is refused.")
+    ex = info.get("examples")
+    if ex and ex.get("common_ids") and any(ex["left_out"].values()):
+        lost = ", ".join(f"{k} {v}" for k, v in ex["left_out"].items())
+        lines.append(f"- Examples: `--common-ids`: every method scored on the {ex['n']} ids all files share; ids "
+                     f"left out per method: {lost}.")
     lines.append("- Scales: ROUGE, METEOR, BERTScore and the judge on 0–1; BLEU (sacrebleu corpus BLEU) on 0–100.")
     if "bertscore_model" in info:
         lines.append(f"- BERTScore encoder: `{info['bertscore_model']}`, layer {info['bertscore_layers']}, F1, no "
@@ -268,10 +476,11 @@ def render_markdown(report: EvalReport) -> str:
         j = info["judge"]
         how = "(s−1)/4" if j["normalize"] == "minmax" else "s/5"
         lines.append(f"- LLM judge: `{j['model']}` at {j['url']}, paper rubric (Figure 9), 1–5 normalized as {how}.")
-    lines += ["", "## Scores", "", "| method | n | dropped | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols)
+    count = "dropped" if longlamp else "empty"
+    lines += ["", "## Scores", "", f"| method | n | {count} | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols)
               + " |", "|---|---:|---:|" + "---:|" * len(cols)]
     for name, m in report.methods.items():
-        lines.append(f"| {name} | {m['n']} | {m['dropped']} | "
+        lines.append(f"| {name} | {m['n']} | {m.get(count, 0)} | "
                      + " | ".join(_fmt(m["metrics"].get(c)) for c in cols) + " |")
     comps = report.comparisons
     if comps["vs_baseline"]:
@@ -292,8 +501,10 @@ def render_markdown(report: EvalReport) -> str:
         if "skipped" in seg:
             lines.append(f"Skipped: {seg['skipped']}.")
         else:
+            rule = ("pairs empty on a side in a segment are dropped there" if longlamp else
+                    "a pair counts in a segment when its reference reaches it; a prediction empty there scores 0")
             lines.append(f"Token segments {seg['boundaries']} of the tokenizer `{seg['tokenizer']}`; each segment "
-                         f"scored separately (pairs empty in a segment are dropped there).")
+                         f"scored separately ({rule}).")
             lines += ["", "![position-sensitive evaluation](segments.png)", ""]
             any_rows = next(iter(seg["methods"].values()))
             labels = [r["segment"] for r in any_rows]
@@ -308,14 +519,28 @@ def render_markdown(report: EvalReport) -> str:
 
 
 def summary_lines(report: EvalReport) -> list[str]:
-    """What `flythinker evaluate` prints: one line per method (n, dropped, every metric), then the files written."""
+    """What `flythinker evaluate` prints: one line per method (n, dropped in "longlamp" mode or empty predictions
+    scored 0 in "mean" mode, every metric), notes on what was left out, then the files written."""
+    longlamp = report.info["mode"] == "longlamp"
     lines = []
     for name, m in report.methods.items():
         vals = "  ".join(f"{k}={_fmt(v)}" for k, v in m["metrics"].items())
-        lines.append(f"{name}: n={m['n']} dropped={m['dropped']}  {vals}")
+        count = f"dropped={m['dropped']}" if longlamp else f"empty={m.get('empty', 0)} (scored 0)"
+        lines.append(f"{name}: n={m['n']} {count}  {vals}")
+    if longlamp:
+        total = sum(m["dropped"] for m in report.methods.values())
+        if total:
+            lines.append(f"note: --mode longlamp dropped {total} pair(s) with an empty prediction or reference "
+                         f"before scoring (LongLaMP's pre-processing); --mode mean scores an empty prediction as 0")
+    ex = report.info.get("examples")
+    if ex and ex.get("common_ids") and any(ex["left_out"].values()):
+        lost = ", ".join(f"{k} {v}" for k, v in ex["left_out"].items())
+        lines.append(f"note: --common-ids: every method scored on the {ex['n']} ids all files share; ids left out: "
+                     f"{lost}")
     lines.append(f"wrote {', '.join(report.files.values())}")
     return lines
 
 
-__all__ = ["EvalConfig", "EvalReport", "PredictionSet", "load_segment_tokenizer", "read_predictions",
-           "render_markdown", "run_evaluation", "summary_lines"]
+__all__ = ["EMPTY_RULE", "REPORT_FILES", "EvalConfig", "EvalReport", "PredictionSet", "align_examples",
+           "check_out_dir", "check_prediction_paths", "check_references", "load_segment_tokenizer",
+           "read_prediction_file", "read_predictions", "render_markdown", "run_evaluation", "summary_lines"]

@@ -2,26 +2,36 @@
 
 Owns: parsing segment boundaries, cutting a text into token-position segments with the Generator's tokenizer
 (decode each token slice back to text), scoring every segment with `flythinker.evaluation.metrics`, and the plot
-(one subplot per metric, one line per method, matplotlib Agg backend, PNG).
+(one subplot per metric, one line per method, matplotlib Agg backend, PNG, written atomically).
 
 A segment [a, b) of a pair is the prediction's tokens a..b-1 and the reference's tokens a..b-1 (both counted with
-the same tokenizer, no special tokens). A pair whose segment is empty on either side after stripping -- e.g. a
-prediction shorter than a tokens -- is dropped for that segment only and counted in the segment's "dropped".
+the same tokenizer, no special tokens). Which pairs a segment scores follows the whole-text rule of the mode
+(`flythinker.evaluation.metrics`):
+- "mean": a pair counts in a segment when its reference reaches it (the reference's segment is not empty after
+  stripping); a prediction that is empty there -- it stopped before a tokens, or wrote nothing at all -- scores 0 on
+  every metric, exactly like an empty whole prediction (counted in the segment's "empty"). A pair whose reference
+  ends before the segment has nothing to be compared with there and is left out of that segment ("dropped").
+  An empty whole reference is a UserError, as in `score_examples`.
+- "longlamp": a pair whose segment is empty on either side after stripping is dropped for that segment only
+  ("dropped"), and pairs the whole-text pre-processing drops are dropped from every segment.
 Decoding a slice of a byte-level BPE can cut a multi-byte character in half at the boundary; the decoder then
 yields U+FFFD there, which ROUGE's tokenizer ignores and which affects at most one word per boundary elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..utils import UserError
-from .metrics import METRIC_LABELS, Mode, check_metrics, score_examples
+from .metrics import METRIC_LABELS, Mode, check_metrics, prepare_pairs, score_examples
 
 DEFAULT_BOUNDARIES: tuple[int, ...] = (0, 50, 100, 200, 300)
 """The paper's four segments: [0,50), [50,100), [100,200), [200,300) Generator tokens."""
@@ -78,22 +88,26 @@ def segment_scores(predictions: Sequence[str | None], references: Sequence[str |
                    DEFAULT_SEGMENT_METRICS, mode: Mode = "mean", seed: int = 0, **score_kw: Any
                    ) -> list[dict[str, Any]]:
     """Score each segment: one dict per segment with "segment" (label), "start", "end", the metric values,
-    "n" (pairs scored in that segment) and "dropped" (pairs empty on a side in that segment).
-
-    Pairs that the whole-text pre-processing drops (an empty side) are dropped from every segment too."""
+    "n" (pairs scored in that segment), "dropped" (pairs not scored there) and "empty" (scored pairs whose
+    prediction is empty there, each scored 0). Which pairs count: see the module docstring."""
     if isinstance(segments, str) or (segments and not isinstance(segments[0], Segment)):
         segments = parse_boundaries(segments)  # type: ignore[arg-type]
     metrics = check_metrics(metrics)
-    pred_segs = [split_segments((p or "").strip(), tokenizer, segments) if (p or "").strip() and (r or "").strip()
-                 else [""] * len(segments) for p, r in zip(predictions, references)]
-    ref_segs = [split_segments((r or "").strip(), tokenizer, segments) if (p or "").strip() and (r or "").strip()
-                else [""] * len(segments) for p, r in zip(predictions, references)]
+    if len(predictions) != len(references):
+        raise UserError(f"{len(predictions)} predictions but {len(references)} references")
+    preds, refs, kept = prepare_pairs(predictions, references, mode)  # the whole-text rule (and its errors)
+    pred_segs = [split_segments(p, tokenizer, segments) if p else [""] * len(segments) for p in preds]
+    ref_segs = [split_segments(r, tokenizer, segments) for r in refs]
+    total = len(predictions)
     out = []
     for k, seg in enumerate(segments):
-        s = score_examples([ps[k] for ps in pred_segs], [rs[k] for rs in ref_segs], metrics=metrics, mode=mode,
-                           seed=seed, **score_kw)
+        # "mean": the pairs whose reference reaches this segment (an empty prediction there scores 0);
+        # "longlamp": all kept pairs, and score_examples drops those with an empty side here.
+        rows = [j for j in range(len(kept)) if mode == "longlamp" or ref_segs[j][k].strip()]
+        s = score_examples([pred_segs[j][k] for j in rows], [ref_segs[j][k] for j in rows], metrics=metrics,
+                           mode=mode, seed=seed, **score_kw)
         out.append({"segment": seg.label, "start": seg.start, "end": None if seg.end == END else int(seg.end),
-                    **s.as_dict()})
+                    **s.as_dict(), "dropped": total - s.n, "empty": s.empty})
     return out
 
 
@@ -101,7 +115,8 @@ def plot_segments(results: dict[str, list[dict[str, Any]]], out_path: str | Path
                   metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One subplot per metric, one line per method over the segments; written as a PNG (Agg backend, so no display
     is needed; the Agg canvas is used directly, so the caller's pyplot backend is left alone). `results` maps a
-    method name to `segment_scores` output."""
+    method name to `segment_scores` output. The PNG is written to a temporary file next to `out_path` and renamed
+    over it, so a kill never leaves half an image."""
     # A Figure on an Agg canvas, not pyplot: no global backend switch, no display, nothing left open.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -111,7 +126,8 @@ def plot_segments(results: dict[str, list[dict[str, Any]]], out_path: str | Path
     first = next(iter(results.values()))
     labels = [r["segment"] for r in first]
     if metrics is None:
-        metrics = [m for m in first[0] if m not in ("segment", "start", "end", "n", "dropped")] if first else []
+        metrics = [m for m in first[0] if m not in ("segment", "start", "end", "n", "dropped", "empty")] \
+            if first else []
     ncols = max(1, len(metrics) if len(metrics) <= 4 else 3)  # the paper's Figure 8: one row of four
     nrows = max(1, math.ceil(len(metrics) / ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
@@ -133,7 +149,17 @@ def plot_segments(results: dict[str, list[dict[str, Any]]], out_path: str | Path
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return out_path
 
 

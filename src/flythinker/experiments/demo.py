@@ -18,6 +18,7 @@ from ..data import DataConfig
 from ..decoding.sampling import DecodeConfig
 from ..methods.base import ModelArgs
 from ..methods.flythinker.config import FlyThinkerConfig
+from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
 from ..utils import UserError
 
@@ -66,19 +67,26 @@ def _find(root: Path, split: str) -> Path:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
+    from ..safeio import check_output_dir, exclusive_lock
+
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise UserError(f"--data {cfg.data_dir}: not a directory")
+    out = check_output_dir(cfg.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out, "demo out"):  # two demos on one folder would mix their runs
+        return _run_demo(cfg, out, log)
+
+
+def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
     from ..data import load_examples
     from ..evaluation.report import EvalConfig, run_evaluation
     from ..utils import seed_everything, set_threads
     from .runner import MethodSpec, efficiency_table, remeasure_decode, run_method
 
     set_threads(cfg.train.threads or None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.data_dir:
         root = Path(cfg.data_dir)
-        if not root.is_dir():
-            raise UserError(f"--data {root}: not a directory")
         source = str(root)
     else:
         from .synthetic import write_demo_dataset
@@ -110,7 +118,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     summary = {"data": source, "train_examples": len(train), "eval_examples": len(dev),
                "metrics": report.methods, "comparisons": report.comparisons, "efficiency": eff,
                "files": report.files, "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     log("")
     log(comparison_table(report.methods, metrics, eff))
     log(f"\nwrote {out}/eval/report.md, metrics.json, segments.png and per-method predictions under {out}/runs "

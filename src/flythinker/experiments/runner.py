@@ -22,7 +22,9 @@ from ..config import ConfigError, apply_overrides, to_dict
 from ..data import DataConfig, Example, encode_example
 from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS, Method, ModelArgs, get_method
+from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
+from ..utils import UserError
 
 SECTIONS = ("model", "data", "train")
 
@@ -90,7 +92,8 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     """Train (if the method is trained), then generate predictions for `eval_examples` into
     `out_dir/<name>/predictions.jsonl`, measuring training s/step (decode ms/token: `remeasure_decode`, all
     methods together)."""
-    from ..inference import Predictor
+    from ..inference import Predictor, checkpoint_fingerprint, data_fingerprint, decode_fingerprint
+    from ..safeio import fingerprint
     from ..models import load_tokenizer
     from ..predictions import generate_predictions
     from ..training.loop import fit
@@ -107,9 +110,11 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     targs = dataclasses.replace(spec.train_args(train), out_dir=str(folder / "train"), progress=progress)
     final = Path(targs.out_dir) / "final"
     reuse = spec.trained and (final / "flythinker.json").is_file() and "train_s_per_step" in timing
+    cfg = {"model": to_dict(margs), "data": to_dict(data_cfg), "train": to_dict(targs)}
     if reuse:  # a finished training: restore it without first building the fresh models it replaces
-        log(f"[{spec.name}] reusing trained model {final}")
         tok = load_tokenizer(margs.generator)
+        _check_finished_run(spec, Path(targs.out_dir), cfg, targs, train_examples, tok, data_cfg)
+        log(f"[{spec.name}] reusing trained model {final}")
         model = spec.impl.load(final)
         model.tokenizer = tok
     else:
@@ -119,14 +124,13 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
             targs.resume = True  # continues from a step-N checkpoint if an earlier run was killed
             feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
             log(f"[{spec.name}] training on {len(feats)} examples")
-            cfg = {"model": to_dict(margs), "data": to_dict(data_cfg), "train": to_dict(targs)}
             fit_res = fit(model, feats, targs, tok.pad_token_id, config=cfg)
             timing.update(train_s_per_step=fit_res.seconds_per_step, train_steps=fit_res.steps,
                           train_losses=fit_res.losses)
         median = median_step_seconds(Path(targs.out_dir) / "log.jsonl")
         if median is not None:
             timing["train_step_seconds_median"] = median
-        timing_file.write_text(json.dumps(timing, indent=2))  # before generation, so a killed run reuses training
+        atomic_write_text(timing_file, json.dumps(timing, indent=2))  # before generation, so a killed run reuses training
         # The median optimizer-step time (from the loss log; step 1 and checkpoint writes excluded) is the figure
         # compared across methods: every trained row sees the same windows in the same order, and a median is not
         # moved by a burst of load from another process. The wall-clock mean stays in timing.json.
@@ -136,14 +140,36 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     model.eval()
 
     fn = Predictor(model, tok, data_cfg, decode).batch_fn([e.id for e in eval_examples])
+    # Fingerprints in every line: a re-run with another model, data or decode settings is refused, not mixed in.
+    run = {"checkpoint": checkpoint_fingerprint(final) if spec.trained
+           else fingerprint({"method": spec.method, "model": to_dict(margs)}),
+           "data": data_fingerprint(eval_examples, data_cfg), "decode": decode_fingerprint(decode)}
     t0 = time.perf_counter()
     stats = generate_predictions(list(eval_examples), fn, result.predictions, batch_size=decode.batch_size,
-                                 method=spec.name, progress=progress)
+                                 method=spec.name, progress=progress, run=run)
     if stats.written:
         timing["generate_seconds"] = time.perf_counter() - t0
-    timing_file.write_text(json.dumps(timing, indent=2))
+    atomic_write_text(timing_file, json.dumps(timing, indent=2))
     log(f"[{spec.name}] {stats.written} predictions written ({stats.skipped} reused) -> {result.predictions}")
     return result
+
+
+def _check_finished_run(spec: MethodSpec, train_dir: Path, cfg: dict[str, Any], targs: TrainArgs,
+                        train_examples: Sequence[Example], tok: Any, data_cfg: DataConfig) -> None:
+    """A finished training is reused only when it is this row's run (same settings and data as now); otherwise a
+    one-line error naming what changed, so a changed study config never silently reuses an old model."""
+    from ..training.checkpoint import identity_difference, read_run_record, run_identity
+
+    feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
+    now = run_identity(cfg, to_dict(targs), feats, world_size=1)
+    saved = read_run_record(train_dir)
+    if saved is None:
+        raise UserError(f"{train_dir}: a finished training without run.json (written by an older flythinker?), so "
+                        f"it cannot be checked against row {spec.name!r}; delete {train_dir.parent} to retrain it")
+    if saved.get("fingerprint") != now["fingerprint"]:
+        diff = "; ".join(identity_difference(saved, now)) or "settings differ"
+        raise UserError(f"{train_dir} was trained with other settings than row {spec.name!r} now has ({diff}); "
+                        f"delete {train_dir.parent} to retrain it, or use another study out folder")
 
 
 def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
@@ -171,7 +197,7 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
         timed = time_configs(configs, prompts, new_tokens, runs)
         saved = {"ms_per_token": {r.name: ms for r, (_, ms) in zip(results, timed)},
                  "new_tokens": new_tokens, "runs": runs, "example": example.id}
-        cache.write_text(json.dumps(saved, indent=2))
+        atomic_write_text(cache, json.dumps(saved, indent=2))
     for r in results:
         r.decode_ms_per_token = saved["ms_per_token"][r.name]
 

@@ -26,6 +26,7 @@ from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS
 from ..methods.base import ModelArgs
 from ..methods.flythinker.config import Normalize, Scope
+from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
 from ..utils import UserError
 
@@ -154,27 +155,57 @@ def _sample(examples, n: int, seed: int):
     return rows[:n] if n > 0 else rows
 
 
-def run_study(cfg: StudyConfig, log=print) -> dict:
+def check_plan(cfg: StudyConfig) -> dict[str, tuple[list, list]]:
+    """Validate the whole plan before any model loads: data_root, the out folder, every split's train/dev files
+    (and the ablation split's when there are ablation points) readable and non-empty. Returns split -> (train, dev)
+    samples of the main comparison."""
     from ..data import load_examples
-    from ..evaluation.report import EvalConfig, run_evaluation
-    from ..utils import set_threads
-    from .runner import efficiency_table, remeasure_decode, run_method
+    from ..safeio import check_output_dir
 
-    set_threads(cfg.train.threads or None)
-    root, out = Path(cfg.data_root), Path(cfg.out)
+    root = Path(cfg.data_root)
     if not root.is_dir():
         raise UserError(f"data_root {root} is not a directory")
+    check_output_dir(cfg.out, "out")
+    if not cfg.splits and not cfg.ablation.all_points():
+        raise UserError("nothing to run: splits is empty and there are no ablation points")
+    if not cfg.methods and not cfg.variants and cfg.splits:
+        raise UserError("nothing to compare: methods and variants are both empty")
+    splits = list(dict.fromkeys(cfg.splits + ([cfg.ablation.split] if cfg.ablation.all_points() else [])))
+    files = {s: _split_files(root, s) for s in splits}  # a missing split fails here, naming it
+    plan = {}
+    for split, (train_file, dev_file) in files.items():
+        train, dev = load_examples(train_file), load_examples(dev_file)
+        if not train or not dev:
+            raise UserError(f"{root}/{split}: {'train' if not train else 'dev'} has no examples")
+        plan[split] = (_sample(train, cfg.train_examples, cfg.seed), _sample(dev, cfg.eval_examples, cfg.seed))
+    return {s: plan[s] for s in cfg.splits}
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
+    from ..safeio import exclusive_lock
+    from ..utils import set_threads
+
+    set_threads(cfg.train.threads or None)
+    out = Path(cfg.out)
+    plan = check_plan(cfg)  # every split's files, readable and non-empty, before the first model loads
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    with exclusive_lock(out, "study out"):  # two studies on one folder would mix their rows
+        return _run_study(cfg, plan, log)
+
+
+def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
+    from ..evaluation.report import EvalConfig, run_evaluation
+    from .runner import efficiency_table, remeasure_decode, run_method
+
+    out = Path(cfg.out)
+    atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
     metrics = ("rouge1", "rougeL", "bleu", "meteor") + (("bertscore",) if cfg.bertscore else ())
     tok = _tokenizer(cfg.model)
     summary: dict = {"splits": {}, "ablations": {}, "config": to_dict(cfg)}
     t_start = time.perf_counter()
 
     for split in cfg.splits:
-        train_file, dev_file = _split_files(root, split)
-        train = _sample(load_examples(train_file), cfg.train_examples, cfg.seed)
-        dev = _sample(load_examples(dev_file), cfg.eval_examples, cfg.seed)
+        train, dev = plan[split]
         log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
         results, specs = [], []
         for spec in cfg.rows():
@@ -240,7 +271,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
             model = spec.impl.load(res.predictions.parent / "train" / "final")
             nlls["dev_nll"] = validate(model, dev_feats, tok.pad_token_id)
             del model
-            nll_file.write_text(json.dumps(nlls, indent=2))
+            atomic_write_text(nll_file, json.dumps(nlls, indent=2))
         rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nlls["dev_nll"],
                      "init_dev_nll": nlls["init_dev_nll"], "predictions": str(res.predictions),
                      "train_s_per_step": res.train_s_per_step})
@@ -259,8 +290,8 @@ def _tokenizer(model: ModelArgs):
 
 
 def _write(out: Path, summary: dict, metrics) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "summary.md").write_text(render_summary(summary, metrics))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.md", render_summary(summary, metrics))
 
 
 def render_summary(summary: dict, metrics) -> str:

@@ -7,6 +7,7 @@ ablations all use this dataclass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,8 +46,8 @@ class FlyThinkerConfig:
         if self.normalize not in typing.get_args(Normalize):
             raise ConfigError(f"normalize must be one of {', '.join(typing.get_args(Normalize))}; "
                               f"got {self.normalize!r}")
-        if self.lam < 0:
-            raise ConfigError(f"lam must be >= 0; got {self.lam}")
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"lam must be a finite number >= 0; got {self.lam!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -339,7 +339,11 @@ class FlyThinker(GenerationMixin, nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         config: FlyThinkerConfig | None = None, load_tokenizer: bool = True) -> "FlyThinker":
         """Load a directory written by `save_pretrained` (or a trainer checkpoint). `config` overrides the saved one
-        (e.g. another λ at inference)."""
+        (e.g. another λ at inference).
+
+        A directory that is not whole fails with one line naming the file: FileNotFoundError for a missing
+        flythinker.json, generator/, reasoner/ or fusion.safetensors; ValueError for a flythinker.json that is not
+        JSON or has no `flythinker` section, and for weights that do not load (e.g. a truncated safetensors)."""
         from transformers import AutoModelForCausalLM
 
         path = Path(path)
@@ -347,13 +351,33 @@ class FlyThinker(GenerationMixin, nn.Module):
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path}: not a FlyThinker directory (no {CONFIG_NAME})")
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        cfg = config or FlyThinkerConfig.from_dict(meta["flythinker"])
+        except UnicodeDecodeError:
+            raise ValueError(f"{meta_file}: not UTF-8 text (not a file written by FlyThinker.save_pretrained)") \
+                from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("flythinker"), dict):
+            raise ValueError(  # noqa: TRY004 -- a bad file's content, not a caller's argument type
+                f"{meta_file}: no 'flythinker' section (not a file written by FlyThinker.save_pretrained)")
+        try:
+            cfg = config or FlyThinkerConfig.from_dict(meta["flythinker"])
+        except ValueError as e:
+            raise ValueError(f"{meta_file}: bad 'flythinker' section ({e})") from None
         kw = {"dtype": dtype} if dtype is not None else {}
-        generator = AutoModelForCausalLM.from_pretrained(path / "generator", **kw)
-        reasoner = AutoModelForCausalLM.from_pretrained(path / "reasoner", **kw) if meta.get("has_reasoner") else None
+
+        def lm(sub: str) -> nn.Module:
+            d = path / sub
+            if not d.is_dir():
+                raise FileNotFoundError(f"{d}: missing ({CONFIG_NAME} records a {sub}; the directory is incomplete)")
+            try:
+                return AutoModelForCausalLM.from_pretrained(d, **kw)
+            except Exception as e:  # noqa: BLE001 -- OSError, SafetensorError, ValueError: the files are bad
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{d}: cannot load the model ({first})") from None
+
+        generator = lm("generator")
+        reasoner = lm("reasoner") if meta.get("has_reasoner") else None
         tokenizer = None
         if load_tokenizer and (path / "generator" / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
@@ -365,7 +389,19 @@ class FlyThinker(GenerationMixin, nn.Module):
         if meta.get("has_projection") or meta.get("calibrated"):
             from safetensors.torch import load_file
 
-            saved = load_file(str(path / FUSION_WEIGHTS))
+            fusion_file = path / FUSION_WEIGHTS
+            if not fusion_file.is_file():
+                raise FileNotFoundError(f"{fusion_file}: missing ({CONFIG_NAME} records fusion weights)")
+            try:
+                saved = load_file(str(fusion_file))
+            except Exception as e:  # noqa: BLE001 -- SafetensorError / OSError: truncated or not safetensors
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{fusion_file}: cannot load ({first})") from None
+            keys = (["projection.weight"] if meta.get("has_projection") else []) + \
+                (["r_mean", "r_std", "r_count"] if meta.get("calibrated") else [])
+            missing = [k for k in keys if k not in saved]
+            if missing:
+                raise ValueError(f"{fusion_file}: missing tensor(s) {', '.join(missing)}")
             with torch.no_grad():
                 if meta.get("has_projection"):
                     w = saved["projection.weight"]

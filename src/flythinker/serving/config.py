@@ -1,0 +1,99 @@
+"""`ServeConfig`: every setting of `flythinker serve` in one typed dataclass (the model, the database, the address,
+the prompt and decode settings, the request bounds), so the verb's flags and a YAML file go through the one config
+mechanism (`flythinker.config.add_dataclass_args` / `build_config`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import ConfigError
+from ..data.config import DataConfig
+from ..decoding.sampling import DecodeConfig
+from ..methods.base import ModelArgs
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may ask of the server. Exceeding one is a 4xx JSON error naming it."""
+
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 beyond it)."""
+    max_item_chars: int = 20_000
+    """Longest history item text, in characters."""
+    max_title_chars: int = 1_000
+    """Longest history item title, in characters."""
+    max_meta_bytes: int = 10_000
+    """Largest item `meta` object, as JSON bytes."""
+    max_input_chars: int = 20_000
+    """Longest generation request (`input`, or the last user message), in characters."""
+    max_new_tokens: int = 1024
+    """Cap on a request's max_new_tokens."""
+    max_items_per_user: int = 10_000
+    """History items a user may hold (409 beyond it); also bounds the work of retrieval per request."""
+    max_queue: int = 64
+    """Generation requests waiting for the model at most (429 beyond it)."""
+    request_timeout_s: float = 300.0
+    """Wall-clock limit of one generation request from when it is queued: waiting plus decoding (504 beyond it)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_item_chars", "max_title_chars", "max_meta_bytes", "max_input_chars",
+                     "max_new_tokens", "max_items_per_user", "max_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"limits.{name} must be a positive integer; got {v!r}")
+        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise ConfigError(f"limits.request_timeout_s must be a positive number; got {self.request_timeout_s!r}")
+
+
+@dataclass
+class ServeConfig:
+    """`flythinker serve`: which model, which database, where to listen, and how requests become prompts."""
+
+    checkpoint: str = ""
+    """A FlyThinker checkpoint directory (save_pretrained / trainer output). Empty: build the untrained model that
+    --model.* names through the method registry."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """The untrained model to serve when no --checkpoint is given (method, generator, reasoner, fusion)."""
+    db: str = ""
+    """Database URL: sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB. Empty:
+    sqlite:///$FLYTHINKER_STATE/flythinker.db (default state dir ~/.local/state/flythinker)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    name: str = ""
+    """Model name in /health, /v1/models and OpenAI responses. Empty: the checkpoint's folder name, or
+    "<method>-untrained"."""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16 or float16."""
+    batch_wait_ms: float = 5.0
+    """How long the generation worker waits after a request arrives for others to join its batch."""
+    log_level: str = "info"
+    """uvicorn log level (critical, error, warning, info, debug)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt settings (task, retrieval, k, budgets); with --checkpoint the defaults are its training ones."""
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=256))
+    """Default decode settings of a request (max_new_tokens, sampling); decode.batch_size is the most requests
+    decoded together in one batch."""
+    limits: Limits = field(default_factory=Limits)
+    """Request bounds."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535; got {self.port!r}")
+        if not (math.isfinite(self.batch_wait_ms) and 0 <= self.batch_wait_ms <= 10_000):
+            raise ConfigError(f"batch_wait_ms must be in [0, 10000]; got {self.batch_wait_ms!r}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ConfigError(f"log_level must be one of critical, error, warning, info, debug; got "
+                              f"{self.log_level!r}")
+        if self.decode.max_new_tokens > self.limits.max_new_tokens:
+            raise ConfigError(f"decode.max_new_tokens ({self.decode.max_new_tokens}) exceeds "
+                              f"limits.max_new_tokens ({self.limits.max_new_tokens})")
+
+
+__all__ = ["DTYPES", "Limits", "ServeConfig"]
