@@ -78,12 +78,33 @@ class Predictor:
 
     def predict(self, batch: Sequence[Any], seed: int | None = None) -> list[str]:
         """One prediction string per example, in order (one left-padded generate call)."""
+        return [text for text, _ in self.predict_with_extras(batch, seed)]
+
+    def predict_with_extras(self, batch: Sequence[Any], seed: int | None = None) -> list[tuple[str, dict | None]]:
+        """(text, side outputs or None) per example. A method whose decode produces more than the response (CoT's
+        reasoning) leaves `model.last_generation_extras`: one dict per row, whose `*_ids` entries are token ids
+        decoded here to text under the key without `_ids`."""
         import torch
 
         enc = self.encode(batch)
+        if hasattr(self.model, "last_generation_extras"):
+            self.model.last_generation_extras = None
         with torch.no_grad():
             out = self.model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **self._kwargs(seed))
-        return [decode_new_tokens(row, self.tokenizer, self.eos_ids) for row in out.tolist()]
+        texts = [decode_new_tokens(row, self.tokenizer, self.eos_ids) for row in out.tolist()]
+        extras = getattr(self.model, "last_generation_extras", None) or [None] * len(texts)
+        return [(t, self._decode_extra(e)) for t, e in zip(texts, extras)]
+
+    def _decode_extra(self, extra: dict | None) -> dict | None:
+        if not extra:
+            return None
+        out = {}
+        for k, v in extra.items():
+            if k.endswith("_ids"):
+                out[k[: -len("_ids")]] = decode_new_tokens(v, self.tokenizer, self.eos_ids)
+            else:
+                out[k] = v
+        return out
 
     def stream(self, example: Any, seed: int | None = None) -> Iterator[str]:
         """The prediction of one example as text pieces, each yielded as soon as its tokens are decoded (a piece
@@ -109,10 +130,11 @@ class Predictor:
         base = self.decode.seed or 0
         bs = self.decode.batch_size
 
-        def predict(batch: list[Any]) -> list[str]:
+        def predict(batch: list[Any]) -> list[Any]:
             first = batch[0].get("id") if isinstance(batch[0], dict) else getattr(batch[0], "id", None)
             chunk = position.get(str(first), 0) // bs
-            return self.predict(batch, seed=base + chunk)
+            return [text if extra is None else {"text": text, "extra": extra}
+                    for text, extra in self.predict_with_extras(batch, seed=base + chunk)]
 
         return predict
 

@@ -34,10 +34,12 @@ from typing import Any, BinaryIO
 from .safeio import check_json_text, check_output_file, decode_line, exclusive_lock
 from .utils import UserError
 
-PredictBatchFn = Callable[[list[Any]], Sequence[str]]
+# A batch of examples -> one prediction per example: its text, or {"text": str, "extra": {...}} with side outputs
+# (stored under "extra", never scored).
+PredictBatchFn = Callable[[list[Any]], Sequence[Any]]
 REQUIRED_FIELDS = ("id", "prediction", "reference")
 """What `read_predictions` needs of a line (hand-written files carry just these)."""
-RECORD_FIELDS = ("id", "user_id", "method", "prediction", "reference", "input", "run")
+RECORD_FIELDS = ("id", "user_id", "method", "prediction", "reference", "input", "extra", "run")
 """Every field `generate_predictions` writes, in the order it writes them."""
 WRITTEN_FIELDS = ("id", "user_id", "prediction", "reference")
 """The fields every line written by `generate_predictions` carries (method, input and run are optional)."""
@@ -172,6 +174,8 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
         return f"'reference' is {type(rec['reference']).__name__}, not a string"
     if "run" in rec and not isinstance(rec["run"], dict):
         return f"'run' is {type(rec['run']).__name__}, not an object"
+    if "extra" in rec and not isinstance(rec["extra"], dict):
+        return f"'extra' is {type(rec['extra']).__name__}, not an object"
     return None
 
 
@@ -216,7 +220,7 @@ def _is_record_prefix(tail: str) -> bool:
     if not tail.startswith("{"):
         return False
     decoder = json.JSONDecoder()
-    optional = {"method", "input", "run"}
+    optional = {"method", "input", "extra", "run"}
     pos, k, first = 1, 0, True
     while True:
         rest = tail[pos:]
@@ -352,7 +356,7 @@ def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatch
     """Predict every example not yet in `out_path` and append one JSON line each, flushed per batch.
 
     examples: objects or dicts with id, user_id, output (the reference) and optionally input.
-    predict_batch_fn: list of examples -> one prediction string per example, in order.
+    predict_batch_fn: list of examples -> one prediction per example, in order: a string, or {"text", "extra"}.
     method: stored in every line (the name `flythinker evaluate` reports); must match a resumed file's.
     run: fingerprints of what produced the predictions (JSON-able dict), stored in every line; a resumed file's
         lines must carry the same (see the module doc). None: not recorded and not checked.
@@ -399,10 +403,15 @@ def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatch
                         rec: dict[str, Any] = {"id": str(_field(ex, "id")), "user_id": _field(ex, "user_id")}
                         if method is not None:
                             rec["method"] = method
+                        extra = None
+                        if isinstance(pred, dict):  # {"text": ..., "extra": {...}}: a method's side outputs
+                            pred, extra = pred.get("text"), pred.get("extra")
                         rec["prediction"] = pred
                         rec["reference"] = _field(ex, "output")
                         if _field(ex, "input") is not None:
                             rec["input"] = _field(ex, "input")  # the instruction, for the LLM judge's rubric
+                        if extra:
+                            rec["extra"] = extra  # e.g. CoT's reasoning text; never scored
                         if run is not None:
                             rec["run"] = run
                         where = f"the prediction for example {rec['id']!r}"

@@ -27,7 +27,7 @@ def run_training(cfg: TrainConfig):
     `train` or one holding another run fails in a moment, before any model is loaded."""
     import contextlib
 
-    from ..data import encode_example, load_examples
+    from ..data import load_examples
     from ..methods import get_method
     from ..safeio import check_output_dir
     from ..training.checkpoint import check_fresh_out_dir, run_lock
@@ -53,7 +53,7 @@ def run_training(cfg: TrainConfig):
         seed_everything(cfg.train.seed)
         model, tokenizer = method.build(cfg.model)
         data_cfg = method.data_config(cfg.data)
-        features = [encode_example(ex, tokenizer, data_cfg, with_response=True) for ex in examples]
+        features = method.features(examples, tokenizer, data_cfg)
         print0(f"training {method.name} on {len(features)} examples from {cfg.train_data}")
         result = fit(model, features, cfg.train, tokenizer.pad_token_id, config=to_dict(cfg))
     if result.final_dir is not None:

@@ -122,7 +122,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     if spec.trained:
         if not reuse:
             targs.resume = True  # continues from a step-N checkpoint if an earlier run was killed
-            feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
+            feats = spec.impl.features(train_examples, tok, data_cfg)
             log(f"[{spec.name}] training on {len(feats)} examples")
             fit_res = fit(model, feats, targs, tok.pad_token_id, config=cfg)
             timing.update(train_s_per_step=fit_res.seconds_per_step, train_steps=fit_res.steps,
@@ -160,7 +160,7 @@ def _check_finished_run(spec: MethodSpec, train_dir: Path, cfg: dict[str, Any], 
     one-line error naming what changed, so a changed study config never silently reuses an old model."""
     from ..training.checkpoint import identity_difference, read_run_record, run_identity
 
-    feats = [encode_example(ex, tok, data_cfg, with_response=True) for ex in train_examples]
+    feats = spec.impl.features(train_examples, tok, data_cfg)
     now = run_identity(cfg, to_dict(targs), feats, world_size=1)
     saved = read_run_record(train_dir)
     if saved is None:

@@ -235,7 +235,7 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
 def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     """λ sweep and Reasoner-depth sweep on a reduced budget; each point: metrics on a few dev examples plus the
     teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on small samples)."""
-    from ..data import encode_example, load_examples
+    from ..data import load_examples
     from ..evaluation.report import EvalConfig, run_evaluation
     from ..training.loop import validate
     from .runner import load_method_model, run_method
@@ -256,14 +256,14 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
         nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
         if "init_dev_nll" not in nlls or "dev_nll" not in nlls:
             data_cfg = spec.data_config(cfg.data)
-            dev_feats = [encode_example(e, tok, data_cfg, with_response=True) for e in dev]
+            dev_feats = spec.impl.features(dev, tok, data_cfg)
             # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained
             # Generator before any learning (the gap training has to close first).
             init_model, _ = load_method_model(spec, cfg.model)
             prepare = getattr(init_model, "prepare_training", None)
             if callable(prepare):  # as `fit` does before step 1
                 n_cal = cfg.train.calibration_examples
-                prepare([encode_example(e, tok, data_cfg, with_response=True) for e in train[:n_cal]], n_cal,
+                prepare(spec.impl.features(train[:n_cal], tok, data_cfg), n_cal,
                         tok.pad_token_id)
             nlls["init_dev_nll"] = validate(init_model, dev_feats, tok.pad_token_id)
             del init_model

@@ -9,6 +9,9 @@ The trainer, the generate verb, the experiments and the server only talk to this
   * the model's `generate` / `stream` (via `flythinker.decoding.GenerationMixin`, whose loop drives the model's
     own `decoder`);
   * `load(path)` -> a saved model; `data_config(data)` -> the prompt settings the method sees (its data preset);
+    `features(examples, tokenizer, data)` -> what the trainer consumes (default: prompt + response ids);
+  * optionally, after `generate`, `model.last_generation_extras` (one dict per row: side outputs such as reasoning
+    token ids, stored in the predictions' "extra" field, never scored);
   * `trained`: whether the comparison trains it before generating.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +28,7 @@ from torch import nn
 
 from ..data.collate import IGNORE_INDEX
 from ..data.config import DataConfig
+from ..data.schema import Example
 from ..utils import UserError
 from .flythinker.config import FlyThinkerConfig
 
@@ -87,6 +92,13 @@ class Method:
     def model_args(self, args: ModelArgs) -> ModelArgs:
         """The model settings this method trains with (e.g. SFT: method="sft")."""
         return args
+
+    def features(self, examples: Sequence[Example], tokenizer: Any, data: DataConfig) -> list[dict[str, Any]]:
+        """Training features of `examples` (what `fit` consumes): by default prompt + response ids
+        (`flythinker.data.encode_example`); a method that trains on more (CoT: a reasoning span) overrides this."""
+        from ..data.collate import encode_example
+
+        return [encode_example(ex, tokenizer, data, with_response=True) for ex in examples]
 
     uses_reasoner: bool = False
     """Whether `build` loads a Reasoner (`args.reasoner`) besides the Generator."""
