@@ -158,6 +158,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def atomic_write_bytes_via(path: str | os.PathLike, write: Any) -> None:
+    """Atomic write through a callback that writes a file at the path it is given (e.g. matplotlib's savefig):
+    a temporary name in the same directory, then a rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def fingerprint(obj: Any, n: int = 16) -> str:
     """A stable short hash of a JSON-able value (sorted keys): what a resume compares to refuse mixing runs."""
     text = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=True)
@@ -179,5 +195,5 @@ def finite(value: float, where: str) -> float:
     return value
 
 
-__all__ = ["atomic_write_text", "check_json_text", "special_kind", "check_output_dir", "check_output_file", "decode_line",
+__all__ = ["atomic_write_bytes_via", "atomic_write_text", "check_json_text", "special_kind", "check_output_dir", "check_output_file", "decode_line",
            "exclusive_lock", "file_digest", "fingerprint", "finite", "read_text"]

@@ -31,7 +31,25 @@ def _decode(args: argparse.Namespace) -> int:
     from ..experiments.bench_decode import run_decode
     from .main import print_json_line
 
-    print_json_line(run_decode(build_config(args.config_cls, args, args.config)))
+    cfg = build_config(args.config_cls, args, args.config)
+    if cfg.methods:
+        return _methods(cfg, "decode", runs=cfg.runs, examples=1, new_tokens=cfg.new_tokens)
+    print_json_line(run_decode(cfg))
+    return 0
+
+
+def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int) -> int:
+    from ..experiments.bench_methods import plot, print_table, run_methods_bench
+    from ..utils import set_threads
+    from .main import print_json_line
+
+    threads = set_threads(cfg.threads or None)
+    res = run_methods_bench(cfg.methods, cfg.model, what, runs=runs, n_examples=examples, new_tokens=new_tokens,
+                            threads=threads)
+    print_table(res)
+    if cfg.plot:
+        res["plot"] = plot(res, cfg.plot)
+    print_json_line(res)
     return 0
 
 
@@ -41,6 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     from .main import print_json_line
 
     cfg = build_config(args.config_cls, args, args.config)
+    if cfg.methods:
+        return _methods(cfg, "train", runs=cfg.steps, examples=cfg.examples, new_tokens=32)
     threads = set_threads(cfg.threads or None)
     res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads)
     print(f"{'method':<12}{'s/step':>10}")

@@ -40,6 +40,11 @@ class DecodeBenchConfig:
     """λ of the FlyThinker model."""
     device: str = ""
     """cpu or cuda (empty: cuda when available)."""
+    methods: list[str] = field(default_factory=list)
+    """Registered methods to compare instead (e.g. sft,flythinker,cot,coconut,interleaved): ms per response token
+    and seconds for a fixed response, ratios to SFT beside Table 8's prediction, memory (bench_methods.py)."""
+    plot: str = ""
+    """With methods: also write the Fig. 3-style PNG here."""
 
     def __post_init__(self) -> None:
         if self.new_tokens < 2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -89,6 +89,13 @@ class TrainBenchConfig:
     warmup: int = 1
     threads: int = 0
     """torch threads (0 = all cores)."""
+    methods: list[str] = field(default_factory=list)
+    """Registered methods to compare instead (e.g. sft,flythinker,cot,coconut,interleaved): seconds per step and
+    per epoch of a fixed dataset (`examples`), ratios to SFT, memory (bench_methods.py)."""
+    examples: int = 4
+    """With methods: examples in the fixed dataset (one per step); `steps` is then the number of timed epochs."""
+    plot: str = ""
+    """With methods: also write the Fig. 3-style PNG here."""
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.batch < 1 or self.steps < 1 or self.warmup < 0 or self.threads < 0:

@@ -1,0 +1,287 @@
+"""The paper's efficiency comparison across methods (Sec. 4.3, Fig. 3, App. N Table 8), measured in one run:
+`flythinker bench train --methods ...` and `flythinker bench decode --methods ...`.
+
+Every registered method is built around the same Generator (and Reasoner, for methods that use one) through the
+method registry, fed the same examples, and timed interleaved round-robin (run 1 of every method, then run 2, ...),
+reporting medians, so background load hits all methods alike. Beside each measured ratio to SFT stands the ratio
+Table 8's cost model predicts from N1 (response tokens), N2 (the method's extra sequential steps: reasoning tokens,
+latent thoughts, Reasoner steps) and the per-token costs C_G, C_R (`flythinker.flops`).
+
+Memory is a tensor-size accounting (said so in the output, not a measured RSS): parameters, AdamW state (two fp32
+moments per trainable parameter), activations saved for backward (the bytes `torch.autograd.graph.saved_tensors_hooks`
+sees during one training forward), and KV caches (what one decode of the fixed response length holds at its end,
+computed from each model's config); on CUDA it is `torch.cuda.max_memory_allocated` per method instead.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import UserError
+
+
+@dataclass
+class MethodBench:
+    """One method's row."""
+
+    method: str
+    train_s_per_step: float | None = None
+    train_s_per_epoch: float | None = None
+    decode_ms_per_response_token: float | None = None
+    decode_s_total: float | None = None
+    response_tokens: int = 0
+    extra_steps: float = 0.0              # N2 per example: reasoning tokens / latent steps / Reasoner steps
+    macs_generator: int = 0
+    macs_reasoner: int = 0
+    memory: dict[str, int] = field(default_factory=dict)
+    memory_kind: str = "tensor accounting"
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    return model.generator, getattr(model, "reasoner", None)
+
+
+def _param_bytes(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def kv_cache_bytes(lm: nn.Module, tokens: int, batch: int) -> int:
+    """Bytes of a full KV cache of `tokens` positions: 2 (K and V) x layers x kv heads x head dim x dtype size."""
+    cfg = lm.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = next(lm.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * tokens * batch * size
+
+
+def predicted_ratio(method: str, n1: float, n2: float, c_g: int, c_r: int) -> float:
+    """Table 8's computation column as a ratio to SFT (N1 C_G): CoT, Coconut and the interleaved foil pay
+    N2 extra Generator steps, FlyThinker N2 Reasoner steps; methods without extra steps cost what SFT costs."""
+    if n1 <= 0:
+        return float("nan")
+    if method == "flythinker":
+        return (n1 * c_g + n2 * c_r) / (n1 * c_g)
+    return (n1 * c_g + n2 * c_g) / (n1 * c_g)
+
+
+def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward during one training forward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+            pass
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss_sum.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _examples(n: int, seed: int):
+    from ..data.schema import load_examples
+    from .synthetic import make_demo_dataset
+
+    splits = make_demo_dataset(seed=seed, n_users_train=max(2, n), n_users_test=1, items_per_user=6)
+    rows = splits["user/train"]
+    if len(rows) < n:
+        raise UserError(f"bench: could not make {n} examples")
+    with tempfile.TemporaryDirectory() as d:  # through the loader, so examples are exactly what a study sees
+        p = Path(d) / "ex.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+        return load_examples(p)
+
+
+def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """One model per method around the same weights (each method gets its own copy so training one does not
+    move another)."""
+    import copy
+
+    from ..methods import METHODS, ModelArgs, get_method
+
+    out = {}
+    for name in methods:
+        m = get_method(name)
+        if not m.trained and name not in METHODS:
+            raise UserError(f"unknown method {name!r}")
+        g = copy.deepcopy(generator)
+        r = copy.deepcopy(reasoner) if m.uses_reasoner else None
+        out[name] = m.from_lms(g, r, ModelArgs(method=name if m.trained else "sft"), tokenizer)
+    return out
+
+
+def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int, n_examples: int,
+                      new_tokens: int, threads: int, seed: int = 0, log=print) -> dict[str, Any]:
+    """Train and/or decode timing of `methods` (what: "train", "decode" or "both"); returns the JSON summary."""
+    from ..data import DataConfig, collate, encode_example
+    from ..methods import get_method
+    from ..methods.flythinker.decode import per_token_macs
+    from ..methods.flythinker.model import FlyThinker
+    from .bench_decode import _load
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if "sft" not in methods:
+        methods = ["sft", *methods]  # every ratio is to SFT
+    for name in methods:
+        get_method(name)  # an unknown name fails before any model loads
+    generator, reasoner, tokenizer = _load(model_kind)
+    if tokenizer is None:
+        from ..testing import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        if generator.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise UserError(f"bench --methods needs a tokenizer for --model {model_kind}; use tiny or default")
+    models = build_models(methods, generator, reasoner, tokenizer)
+    c_g, c_r = per_token_macs(FlyThinker(generator, reasoner))
+    data = DataConfig(k=2, profile_tokens=256, query_tokens=64, target_tokens=max(8, new_tokens))
+    examples = _examples(n_examples, seed)
+    rows = {name: MethodBench(name, macs_generator=c_g, macs_reasoner=c_r if name == "flythinker" else 0)
+            for name in methods}
+
+    if what in ("train", "both"):
+        feats = {name: get_method(name).features(examples, tokenizer, get_method(name).data_config(data))
+                 for name in methods}
+        batches = {name: [collate([f], tokenizer.pad_token_id, padding_side="right") for f in feats[name]]
+                   for name in methods}
+        opts = {name: torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-7)
+                for name in methods}
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        log(f"bench train: {len(methods)} methods x {runs} runs x {n_examples} examples (interleaved)")
+        for r in range(runs + 1):                      # run 0 is the warm-up
+            for name in methods:
+                model, opt = models[name], opts[name]
+                model.train()
+                t0 = time.perf_counter()
+                for b in batches[name]:
+                    out = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                    (out.loss_sum / out.n_tokens.clamp_min(1)).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        for name in methods:
+            epoch = statistics.median(times[name])
+            rows[name].train_s_per_epoch = epoch
+            rows[name].train_s_per_step = epoch / len(batches[name])
+            b = batches[name][0]
+            rows[name].memory.update(
+                parameters=_param_bytes(models[name]),
+                optimizer=2 * sum(p.numel() * 4 for p in models[name].parameters() if p.requires_grad),
+                activations=_activation_bytes(models[name], b))
+
+    if what in ("decode", "both"):
+        prompts = [torch.tensor([encode_example(ex, tokenizer, get_method(name).data_config(data),
+                                                with_response=False)["prompt_ids"]])
+                   for ex in examples[:1] for name in methods]
+        times = {name: [] for name in methods}
+        n2: dict[str, float] = {}
+        log(f"bench decode: {len(methods)} methods x {runs} runs x {new_tokens} response tokens (interleaved)")
+        for r in range(runs + 1):
+            for name, ids in zip(methods, prompts):
+                model = models[name].eval()
+                if hasattr(model, "last_generation_extras"):
+                    model.last_generation_extras = None
+                t0 = time.perf_counter()
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     eos_token_id=[])
+                dt = time.perf_counter() - t0
+                if r:
+                    times[name].append(dt)
+                extras = getattr(model, "last_generation_extras", None) or [{}]
+                e = extras[0] or {}
+                n2[name] = float(e.get("reasoning_tokens", e.get("latent_steps", e.get("thought_steps", 0))))
+                if name == "flythinker":
+                    n2[name] = float(out.shape[1])  # one Reasoner step beside every Generator step
+                rows[name].response_tokens = int(out.shape[1])
+        for name in methods:
+            total = statistics.median(times[name])
+            rows[name].decode_s_total = total
+            rows[name].decode_ms_per_response_token = 1000 * total / max(1, rows[name].response_tokens)
+            rows[name].extra_steps = n2.get(name, 0.0)
+            lms = [lm for lm in _parts(models[name]) if lm is not None]
+            tokens = ids.shape[1] + new_tokens + int(n2.get(name, 0) if name != "flythinker" else 0)
+            rows[name].memory["kv_cache"] = sum(kv_cache_bytes(lm, tokens, 1) for lm in lms)
+            rows[name].memory.setdefault("parameters", _param_bytes(models[name]))
+
+    sft = rows["sft"]
+    table = []
+    for name in methods:
+        r = rows[name]
+        n1 = r.response_tokens or new_tokens
+        row = {"method": name, "train_s_per_step": r.train_s_per_step, "train_s_per_epoch": r.train_s_per_epoch,
+               "decode_ms_per_response_token": r.decode_ms_per_response_token, "decode_s_total": r.decode_s_total,
+               "response_tokens": r.response_tokens, "extra_steps_n2": r.extra_steps,
+               "memory_bytes": r.memory, "memory_kind": r.memory_kind}
+        if r.train_s_per_step and sft.train_s_per_step:
+            row["train_ratio_to_sft"] = r.train_s_per_step / sft.train_s_per_step
+        if r.decode_s_total and sft.decode_s_total:
+            row["decode_ratio_to_sft"] = r.decode_s_total / sft.decode_s_total
+            row["decode_ratio_predicted"] = predicted_ratio(name, n1, r.extra_steps, c_g, c_r)
+        table.append(row)
+    return {"model": model_kind, "threads": threads, "runs": runs, "examples": n_examples, "new_tokens": new_tokens,
+            "macs_generator": c_g, "macs_reasoner": c_r, "device": "cpu", "rows": table}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    def f(v, d=3):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    print(f"methods benchmark: model={result['model']} threads={result['threads']} runs={result['runs']} "
+          f"C_G={result['macs_generator'] / 1e6:.1f}M C_R={result['macs_reasoner'] / 1e6:.1f}M MACs/token; "
+          f"memory = tensor accounting")
+    print(f"{'method':<12}{'train s/step':>13}{'x SFT':>7}{'ms/resp tok':>12}{'x SFT':>7}{'Tab. 8':>8}{'N2':>6}"
+          f"{'params MB':>10}{'optim MB':>9}{'activ MB':>9}{'KV MB':>7}")
+    for r in result["rows"]:
+        m = r["memory_bytes"]
+        mb = (lambda k: f"{m[k] / 2**20:.1f}" if k in m else "-")  # noqa: E731
+        print(f"{r['method']:<12}{f(r['train_s_per_step']):>13}{f(r.get('train_ratio_to_sft'), 2):>7}"
+              f"{f(r['decode_ms_per_response_token'], 1):>12}{f(r.get('decode_ratio_to_sft'), 2):>7}"
+              f"{f(r.get('decode_ratio_predicted'), 2):>8}{r['extra_steps_n2']:>6.0f}{mb('parameters'):>10}"
+              f"{mb('optimizer'):>9}{mb('activations'):>9}{mb('kv_cache'):>7}")
+
+
+def plot(result: dict[str, Any], path: str) -> str:
+    """Fig. 3 layout: training time per step and decoding time for a fixed response, one bar per method, each
+    labelled with its ratio to SFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..safeio import atomic_write_bytes_via
+
+    rows = result["rows"]
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, ratio, title in ((axes[0], "train_s_per_step", "train_ratio_to_sft", "training (s / step)"),
+                                  (axes[1], "decode_s_total", "decode_ratio_to_sft",
+                                   f"decoding ({result['new_tokens']} response tokens, s)")):
+        vals = [r.get(key) or 0 for r in rows]
+        bars = ax.bar(names, vals, color=["#999" if n == "sft" else "#c44" if n == "flythinker" else "#48c"
+                                          for n in names])
+        for b, r in zip(bars, rows):
+            if r.get(ratio):
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r[ratio]:.2f}x", ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    atomic_write_bytes_via(path, lambda p: fig.savefig(p, dpi=120))
+    plt.close(fig)
+    return path
