@@ -34,7 +34,15 @@ import numpy as np
 
 from ..config import ConfigError, from_dict
 from ..predictions import PredictionSet, read_predictions
-from ..safeio import atomic_write_text, check_output_dir, check_output_file, decode_line, exclusive_lock, finite
+from ..safeio import (
+    atomic_write_text,
+    check_output_dir,
+    check_output_file,
+    decode_line,
+    exclusive_lock,
+    finite,
+    special_kind,
+)
 from ..utils import UserError
 from .bootstrap import paired_bootstrap
 from .metrics import DEFAULT_METRICS, METRIC_LABELS, Scores, check_metrics, prepare_pairs, score_examples
@@ -156,18 +164,6 @@ class EvalReport:
 # reading and checking the inputs
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def check_prediction_paths(paths: Sequence[str | Path]) -> list[Path]:
     """The prediction paths as regular files, each given once: a missing path, a directory, a pipe (which would
     block the reader), a device or the same file twice (also under another name) is a UserError naming it."""
@@ -183,7 +179,7 @@ def check_prediction_paths(paths: Sequence[str | Path]) -> list[Path]:
         except OSError as e:
             raise UserError(f"{p}: cannot inspect the prediction file ({e.strerror})") from None
         if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{p}: is {_kind(st.st_mode)}, not a prediction file (JSONL)")
+            raise UserError(f"{p}: is {special_kind(p)}, not a prediction file (JSONL)")
         key = (st.st_dev, st.st_ino)
         if key in seen:
             also = "" if str(seen[key]) == str(p) else f" (also as {seen[key]})"

@@ -20,16 +20,14 @@ yields U+FFFD there, which ROUGE's tokenizer ignores and which affects at most o
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..safeio import atomic_write_bytes_via
 from ..utils import UserError
 from .metrics import METRIC_LABELS, Mode, check_metrics, prepare_pairs, score_examples
 
@@ -148,18 +146,7 @@ def plot_segments(results: dict[str, list[dict[str, Any]]], out_path: str | Path
         fig.suptitle(title)
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=120, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes_via(out_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never half a plot
     return out_path
 
 
