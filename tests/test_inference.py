@@ -145,3 +145,20 @@ def test_decode_and_data_fingerprints():
     assert data_fingerprint(exs, DataConfig(retrieval="recency", k=1)) != fp
     exs[1].output = "another reference"
     assert data_fingerprint(exs, cfg) != fp
+
+
+def test_load_checkpoint_dispatches_on_the_saved_method(tmp_path):
+    """`generate --checkpoint` loads each method's checkpoint with that method's `load` (a Coconut checkpoint is not
+    read as its plain Generator)."""
+    from flythinker.inference import checkpoint_method, load_checkpoint
+    from flythinker.methods import ModelArgs, get_method
+
+    coconut = get_method("coconut").from_lms(tiny_lm("llama", seed=1), None, ModelArgs(method="coconut"),
+                                             tiny_tokenizer())
+    coconut.save_pretrained(tmp_path / "coco")
+    sft = FlyThinker(tiny_lm("llama", seed=1), None, tokenizer=tiny_tokenizer())
+    sft.save_pretrained(tmp_path / "sft")
+    assert checkpoint_method(tmp_path / "coco") == "coconut" and checkpoint_method(tmp_path / "sft") == "sft"
+    model, _ = load_checkpoint(tmp_path / "coco", dtype="float32")
+    assert type(model).__name__ == type(coconut).__name__
+    assert type(load_checkpoint(tmp_path / "sft", dtype="float32")[0]) is FlyThinker

@@ -173,15 +173,11 @@ def _json_object(p: Path, what: str, any_value: bool = False) -> Any:
 
 
 def default_method_name(ckpt: Path) -> str:
-    """The trainer's recorded method (e.g. "flythinker", "sft"), else by the presence of a Reasoner."""
+    """The trainer's recorded method (e.g. "flythinker", "sft"), else the checkpoint's own (`checkpoint_method`)."""
     method = (checkpoint_train_config(ckpt).get("model") or {}).get("method")
     if method:
         return str(method)
-    try:
-        meta = json.loads((ckpt / "flythinker.json").read_text())
-    except (OSError, ValueError):
-        return ckpt.name
-    return "flythinker" if isinstance(meta, dict) and meta.get("has_reasoner") else "sft"
+    return checkpoint_method(ckpt)
 
 
 def _lm_dirs(meta: dict[str, Any]) -> list[str]:
@@ -312,25 +308,39 @@ def run_fingerprint(ckpt: str | Path, examples: Sequence[Any], data_cfg: Any, de
             "decode": decode_fingerprint(decode, dtype)}
 
 
+def checkpoint_method(ckpt: Path) -> str:
+    """The registered method whose `load` reads this checkpoint: the one recorded in flythinker.json ("method",
+    written by methods other than FlyThinker/SFT), else FlyThinker with a Reasoner, SFT without."""
+    try:
+        meta = json.loads((Path(ckpt) / "flythinker.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "flythinker"
+    if isinstance(meta, dict) and isinstance(meta.get("method"), str):
+        return meta["method"]
+    return "flythinker" if isinstance(meta, dict) and meta.get("has_reasoner") else "sft"
+
+
 def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
-    """FlyThinker.from_pretrained(ckpt) on the default device, in eval mode, with its tokenizer.
+    """The checkpoint's method `load`s it (see `checkpoint_method`) on the default device, in eval mode, with its
+    tokenizer.
 
     The directory is checked first (`validate_checkpoint`); whatever loading still raises (transformers,
     safetensors, torch) becomes one UserError naming the checkpoint."""
     import torch
 
-    from .methods.flythinker.model import FlyThinker
+    from .methods import get_method
     from .utils import autocast_dtype, default_device
 
     ckpt = Path(ckpt)
     validate_checkpoint(ckpt)
+    method = get_method(checkpoint_method(ckpt))
     device = default_device()
     if dtype == "auto":
         torch_dtype = autocast_dtype(device)
     else:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
-        model = FlyThinker.from_pretrained(ckpt, dtype=torch_dtype)
+        model = method.load(ckpt, dtype=torch_dtype)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- a damaged checkpoint can raise anything from the loaders
@@ -343,5 +353,5 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
 
 
 __all__ = ["Predictor", "checkpoint_fingerprint", "checkpoint_train_config", "data_fingerprint", "decode_fingerprint",
-           "decode_new_tokens", "default_method_name", "load_checkpoint", "model_predict_fn", "run_fingerprint",
+           "checkpoint_method", "decode_new_tokens", "default_method_name", "load_checkpoint", "model_predict_fn", "run_fingerprint",
            "validate_checkpoint"]

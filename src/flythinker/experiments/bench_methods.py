@@ -44,6 +44,25 @@ class MethodBench:
     macs_reasoner: int = 0
     memory: dict[str, int] = field(default_factory=dict)
     memory_kind: str = "tensor accounting"
+    train_predicted: float | None = None   # Table 8's training computation, as a ratio to SFT
+
+
+def _ids(feature: dict[str, Any]) -> list[int]:
+    if "input_ids" in feature:
+        return list(feature["input_ids"])
+    return list(feature["prompt_ids"]) + list(feature.get("response_ids") or [])
+
+
+def _extra_positions(model: nn.Module, feature: dict[str, Any]) -> int:
+    """Positions a method runs beyond the example's tokens in training: Coconut's c latents and two markers, the
+    interleaved foil's one thought per k response tokens (read from the model's own settings)."""
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "latents"):
+        return int(cfg.latents) + 2
+    if hasattr(cfg, "every"):
+        n = len(feature.get("response_ids") or [])
+        return -(-n // int(cfg.every))
+    return 0
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -175,7 +194,11 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
                     opt.zero_grad(set_to_none=True)
                 if r:
                     times[name].append(time.perf_counter() - t0)
+        sft_tokens = sum(len(_ids(f)) for f in feats["sft"])
         for name in methods:
+            g_pos = sum(len(_ids(f)) + _extra_positions(models[name], f) for f in feats[name])
+            r_pos = sum(len(_ids(f)) for f in feats[name]) if get_method(name).uses_reasoner else 0
+            rows[name].train_predicted = (g_pos * c_g + r_pos * c_r) / max(1, sft_tokens * c_g)
             epoch = statistics.median(times[name])
             rows[name].train_s_per_epoch = epoch
             rows[name].train_s_per_step = epoch / len(batches[name])
@@ -230,6 +253,7 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
                "memory_bytes": r.memory, "memory_kind": r.memory_kind}
         if r.train_s_per_step and sft.train_s_per_step:
             row["train_ratio_to_sft"] = r.train_s_per_step / sft.train_s_per_step
+            row["train_ratio_predicted"] = r.train_predicted
         if r.decode_s_total and sft.decode_s_total:
             row["decode_ratio_to_sft"] = r.decode_s_total / sft.decode_s_total
             row["decode_ratio_predicted"] = predicted_ratio(name, n1, r.extra_steps, c_g, c_r)
@@ -245,12 +269,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"methods benchmark: model={result['model']} threads={result['threads']} runs={result['runs']} "
           f"C_G={result['macs_generator'] / 1e6:.1f}M C_R={result['macs_reasoner'] / 1e6:.1f}M MACs/token; "
           f"memory = tensor accounting")
-    print(f"{'method':<12}{'train s/step':>13}{'x SFT':>7}{'ms/resp tok':>12}{'x SFT':>7}{'Tab. 8':>8}{'N2':>6}"
+    print(f"{'method':<12}{'train s/step':>13}{'x SFT':>7}{'Tab. 8':>8}{'ms/resp tok':>12}{'x SFT':>7}{'Tab. 8':>8}"
+          f"{'N2':>6}"
           f"{'params MB':>10}{'optim MB':>9}{'activ MB':>9}{'KV MB':>7}")
     for r in result["rows"]:
         m = r["memory_bytes"]
         mb = (lambda k: f"{m[k] / 2**20:.1f}" if k in m else "-")  # noqa: E731
         print(f"{r['method']:<12}{f(r['train_s_per_step']):>13}{f(r.get('train_ratio_to_sft'), 2):>7}"
+              f"{f(r.get('train_ratio_predicted'), 2):>8}"
               f"{f(r['decode_ms_per_response_token'], 1):>12}{f(r.get('decode_ratio_to_sft'), 2):>7}"
               f"{f(r.get('decode_ratio_predicted'), 2):>8}{r['extra_steps_n2']:>6.0f}{mb('parameters'):>10}"
               f"{mb('optimizer'):>9}{mb('activations'):>9}{mb('kv_cache'):>7}")

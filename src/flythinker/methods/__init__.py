@@ -4,7 +4,9 @@ protocol). A new method is one file here and one line below."""
 from __future__ import annotations
 
 from .base import Method, ModelArgs
+from .coconut import Coconut
 from .flythinker.method import FlyThinkerMethod
+from .interleaved import Interleaved
 from .sft import RAG, SFT, NonPersonalized
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -12,6 +14,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     RAG(),
     SFT(),
     FlyThinkerMethod(),
+    Coconut(),
+    Interleaved(),
 )}
 
 

@@ -17,9 +17,9 @@ The trainer, the generate verb, the experiments and the server only talk to this
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from ..data.collate import IGNORE_INDEX
 from ..data.config import DataConfig
 from ..data.schema import Example
 from ..utils import UserError
+from .configs import CoconutConfig, InterleavedConfig
 from .flythinker.config import FlyThinkerConfig
 
 
@@ -38,8 +39,9 @@ class ModelArgs:
     """Which method and models, and how they are set up for training."""
 
     method: str = "flythinker"
-    """A trainable method of the registry (`flythinker.methods.METHODS`): flythinker (Generator + Reasoner) or
-    sft (the Generator alone: the paper's SFT baseline)."""
+    """A trainable method of the registry (`flythinker.methods.METHODS`): flythinker (Generator + Reasoner), sft
+    (the Generator alone: the paper's SFT baseline), coconut (latent think-then-generate), interleaved (the
+    same-model foil), cot (explicit reasoning, then the response)."""
     generator: str = "default"
     """"default" (embedded SmolLM2-135M-Instruct), a local model directory, or a hub id."""
     reasoner: str = "default"
@@ -47,6 +49,10 @@ class ModelArgs:
     integer k, a local model directory or hub id, or "none"."""
     fusion: FlyThinkerConfig = field(default_factory=FlyThinkerConfig)
     """How the Reasoner's states are fused into the Generator (FlyThinker only)."""
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    """Coconut's continuous thoughts (coconut only): latents, rescale."""
+    interleaved: InterleavedConfig = field(default_factory=InterleavedConfig)
+    """The interleaved foil's thoughts (interleaved only): every, rescale."""
     freeze_generator: bool = False
     """Keep the Generator's weights fixed."""
     freeze_reasoner: bool = False
