@@ -53,7 +53,7 @@ def run_training(cfg: TrainConfig):
         seed_everything(cfg.train.seed)
         model, tokenizer = method.build(cfg.model)
         data_cfg = method.data_config(cfg.data)
-        features = method.features(examples, tokenizer, data_cfg)
+        features = method.features(examples, tokenizer, data_cfg, args=cfg.model, data_path=cfg.train_data)
         print0(f"training {method.name} on {len(features)} examples from {cfg.train_data}")
         result = fit(model, features, cfg.train, tokenizer.pad_token_id, config=to_dict(cfg))
     if result.final_dir is not None:

@@ -168,7 +168,10 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
             raise UserError(f"bench --methods needs a tokenizer for --model {model_kind}; use tiny or default")
     models = build_models(methods, generator, reasoner, tokenizer)
     c_g, c_r = per_token_macs(FlyThinker(generator, reasoner))
-    data = DataConfig(k=2, profile_tokens=256, query_tokens=64, target_tokens=max(8, new_tokens))
+    # Prompt budgets sized to the model's context, so CoT's reasoning cap and the response still fit on tiny models.
+    ctx = getattr(generator.config, "max_position_embeddings", 2048) or 2048
+    data = DataConfig(k=2, profile_tokens=min(256, ctx // 4), query_tokens=min(64, ctx // 16),
+                      target_tokens=max(8, new_tokens))
     examples = _examples(n_examples, seed)
     rows = {name: MethodBench(name, macs_generator=c_g, macs_reasoner=c_r if name == "flythinker" else 0)
             for name in methods}

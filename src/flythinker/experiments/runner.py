@@ -113,7 +113,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     cfg = {"model": to_dict(margs), "data": to_dict(data_cfg), "train": to_dict(targs)}
     if reuse:  # a finished training: restore it without first building the fresh models it replaces
         tok = load_tokenizer(margs.generator)
-        _check_finished_run(spec, Path(targs.out_dir), cfg, targs, train_examples, tok, data_cfg)
+        _check_finished_run(spec, Path(targs.out_dir), cfg, targs, train_examples, tok, data_cfg, margs)
         log(f"[{spec.name}] reusing trained model {final}")
         model = spec.impl.load(final)
         model.tokenizer = tok
@@ -122,7 +122,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     if spec.trained:
         if not reuse:
             targs.resume = True  # continues from a step-N checkpoint if an earlier run was killed
-            feats = spec.impl.features(train_examples, tok, data_cfg)
+            feats = spec.impl.features(train_examples, tok, data_cfg, args=margs)
             log(f"[{spec.name}] training on {len(feats)} examples")
             fit_res = fit(model, feats, targs, tok.pad_token_id, config=cfg)
             timing.update(train_s_per_step=fit_res.seconds_per_step, train_steps=fit_res.steps,
@@ -155,12 +155,13 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
 
 
 def _check_finished_run(spec: MethodSpec, train_dir: Path, cfg: dict[str, Any], targs: TrainArgs,
-                        train_examples: Sequence[Example], tok: Any, data_cfg: DataConfig) -> None:
+                        train_examples: Sequence[Example], tok: Any, data_cfg: DataConfig,
+                        margs: ModelArgs) -> None:
     """A finished training is reused only when it is this row's run (same settings and data as now); otherwise a
     one-line error naming what changed, so a changed study config never silently reuses an old model."""
     from ..training.checkpoint import identity_difference, read_run_record, run_identity
 
-    feats = spec.impl.features(train_examples, tok, data_cfg)
+    feats = spec.impl.features(train_examples, tok, data_cfg, args=margs)
     now = run_identity(cfg, to_dict(targs), feats, world_size=1)
     saved = read_run_record(train_dir)
     if saved is None:

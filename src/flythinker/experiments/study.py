@@ -256,14 +256,14 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
         nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
         if "init_dev_nll" not in nlls or "dev_nll" not in nlls:
             data_cfg = spec.data_config(cfg.data)
-            dev_feats = spec.impl.features(dev, tok, data_cfg)
+            dev_feats = spec.impl.features(dev, tok, data_cfg, args=spec.model_args(cfg.model))
             # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained
             # Generator before any learning (the gap training has to close first).
             init_model, _ = load_method_model(spec, cfg.model)
             prepare = getattr(init_model, "prepare_training", None)
             if callable(prepare):  # as `fit` does before step 1
                 n_cal = cfg.train.calibration_examples
-                prepare(spec.impl.features(train[:n_cal], tok, data_cfg), n_cal,
+                prepare(spec.impl.features(train[:n_cal], tok, data_cfg, args=spec.model_args(cfg.model)), n_cal,
                         tok.pad_token_id)
             nlls["init_dev_nll"] = validate(init_model, dev_feats, tok.pad_token_id)
             del init_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import Method, ModelArgs
 from .coconut import Coconut
+from .cot import CoT
 from .flythinker.method import FlyThinkerMethod
 from .interleaved import Interleaved
 from .sft import RAG, SFT, NonPersonalized
@@ -14,6 +15,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     RAG(),
     SFT(),
     FlyThinkerMethod(),
+    CoT(),
     Coconut(),
     Interleaved(),
 )}

@@ -30,7 +30,7 @@ from ..data.collate import IGNORE_INDEX
 from ..data.config import DataConfig
 from ..data.schema import Example
 from ..utils import UserError
-from .configs import CoconutConfig, InterleavedConfig
+from .configs import CoconutConfig, CoTConfig, InterleavedConfig
 from .flythinker.config import FlyThinkerConfig
 
 
@@ -53,6 +53,8 @@ class ModelArgs:
     """Coconut's continuous thoughts (coconut only): latents, rescale."""
     interleaved: InterleavedConfig = field(default_factory=InterleavedConfig)
     """The interleaved foil's thoughts (interleaved only): every, rescale."""
+    cot: CoTConfig = field(default_factory=CoTConfig)
+    """CoT's reasoning (cot only): max_reasoning_tokens, delimiters, teacher (model.cot.teacher.name ...)."""
     freeze_generator: bool = False
     """Keep the Generator's weights fixed."""
     freeze_reasoner: bool = False
@@ -99,9 +101,12 @@ class Method:
         """The model settings this method trains with (e.g. SFT: method="sft")."""
         return args
 
-    def features(self, examples: Sequence[Example], tokenizer: Any, data: DataConfig) -> list[dict[str, Any]]:
+    def features(self, examples: Sequence[Example], tokenizer: Any, data: DataConfig, args: ModelArgs | None = None,
+                 data_path: str | Path | None = None) -> list[dict[str, Any]]:
         """Training features of `examples` (what `fit` consumes): by default prompt + response ids
-        (`flythinker.data.encode_example`); a method that trains on more (CoT: a reasoning span) overrides this."""
+        (`flythinker.data.encode_example`); a method that trains on more (CoT: a reasoning span) overrides this.
+        `args`: the model settings (a method's own section, e.g. model.cot); `data_path`: where the examples came
+        from (a method may cache per-example work next to it)."""
         from ..data.collate import encode_example
 
         return [encode_example(ex, tokenizer, data, with_response=True) for ex in examples]

@@ -4,10 +4,11 @@ method modules so `methods/base.py` can nest them without importing the methods 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, from_dict
+from .teachers import TeacherConfig
 
 
 @dataclass
@@ -60,4 +61,37 @@ class InterleavedConfig:
         return from_dict(cls, d, where="interleaved config")
 
 
-__all__ = ["CoconutConfig", "InterleavedConfig"]
+@dataclass
+class CoTConfig:
+    """How CoT writes and bounds its reasoning (the `model.cot` section)."""
+
+    max_reasoning_tokens: int = 128
+    """Most reasoning tokens per row before the closing delimiter is forced (training texts are cut to it too);
+    0 = no reasoning (the delimiters only)."""
+    open_delimiter: str = "Reasoning:\n"
+    """Appended to the prompt: the reasoning starts after it ("" = right after the prompt)."""
+    close_delimiter: str = "\n\nResponse:\n"
+    """Ends the reasoning; the response follows. Must not be empty or contain the EOS token."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Where the training reasoning comes from (flythinker.methods.teachers)."""
+
+    def __post_init__(self) -> None:
+        m = self.max_reasoning_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"cot max_reasoning_tokens must be an integer >= 0; got {m!r}")
+        if not isinstance(self.open_delimiter, str) or not isinstance(self.close_delimiter, str):
+            raise ConfigError("cot delimiters must be strings")
+        if not self.close_delimiter:
+            raise ConfigError("cot close_delimiter must not be empty (it is how a row's reasoning ends)")
+        if isinstance(self.teacher, dict):
+            self.teacher = from_dict(TeacherConfig, self.teacher, where="cot teacher")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CoTConfig:
+        return from_dict(cls, d, where="cot config")
+
+
+__all__ = ["CoTConfig", "CoconutConfig", "InterleavedConfig"]
