@@ -37,6 +37,15 @@ def tiny():
     return scaled_tiny_model()
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tiny):
+    """The same Generator without a Reasoner: what an SFT checkpoint decodes (one KV cache)."""
+    from flythinker import FlyThinker
+
+    model, tok = tiny
+    return FlyThinker(model.generator, None, tokenizer=tok).eval(), tok
+
+
 def data_config(**kw):
     from flythinker.data import DataConfig
 
@@ -45,7 +54,8 @@ def data_config(**kw):
     return DataConfig(**base)
 
 
-def make_service(tiny, url, data=None, decode=None, limits=None, batch_wait_ms=5.0, migrate=True):
+def make_service(tiny, url, data=None, decode=None, limits=None, batch_wait_ms=5.0, migrate=True,
+                 batching="continuous"):
     from flythinker.decoding import DecodeConfig
     from flythinker.serving.auth import ensure_admin_key
     from flythinker.serving.config import Limits
@@ -58,7 +68,7 @@ def make_service(tiny, url, data=None, decode=None, limits=None, batch_wait_ms=5
         db.migrate()
     ensure_admin_key(db, ADMIN_KEY)
     return Service(db, model, tok, data or data_config(), decode or DecodeConfig(max_new_tokens=12, batch_size=4),
-                   limits or Limits(max_new_tokens=64), name="tiny", batch_wait_ms=batch_wait_ms)
+                   limits or Limits(max_new_tokens=64), name="tiny", batch_wait_ms=batch_wait_ms, batching=batching)
 
 
 @pytest.fixture

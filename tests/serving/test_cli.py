@@ -59,6 +59,7 @@ def test_checkpoint_data_settings_sit_under_yaml_and_flags(checkpoint, tmp_path)
     (["--batch_wait_ms", "nan"], ConfigError, "batch_wait_ms"),
     (["--data.retrieval", "magic"], ConfigError, "retrieval"),
     (["--dtype", "int8"], ConfigError, "dtype"),
+    (["--batching", "eager"], ConfigError, "batching"),
 ])
 def test_bad_settings_are_one_line_errors(argv, exc, fragment):
     with pytest.raises(exc, match=fragment):
@@ -84,8 +85,11 @@ def test_service_from_a_checkpoint(checkpoint, tmp_path):
 
     cfg = serve_config(_args("--checkpoint", str(checkpoint), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
                              "--decode.max_new_tokens", "4"))
+    assert cfg.batching == "continuous"
+    assert serve_config(_args("--batching", "wave")).batching == "wave"
     svc = Service.from_config(cfg)
     assert svc.name == "my-model" and svc.db.revision() == "0001_initial"
+    assert svc.engine.batching == "continuous"
     svc.db.create_user("u", "k" * 64)
     i = svc.db.add_item("u", "an item")
     svc.start()

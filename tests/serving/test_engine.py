@@ -1,6 +1,10 @@
-"""The generation worker: concurrent requests decode as one batch (fewer waves than requests) with the same greedy
-text as alone, batches split by sampling settings, a full queue is a 429, the per-request deadline a 504, and a
-cancelled row (a client that went away) stops being decoded; a wave whose rows are all cancelled stops."""
+"""The generation worker, in both batching modes: concurrent requests decode together (fewer busy periods than
+requests) with the same greedy text as alone; under continuous batching a request that arrives while others decode
+joins the running batch at the next step with the text it has alone (FlyThinker and SFT), rows with different
+sampling settings share the batch (a seeded one drawing as it does alone), and a row that ends leaves at once;
+under wave batching sampling settings split the waves. A full queue is a 429, the per-request deadline a 504, and a
+cancelled row (a client that went away) stops being decoded.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from flythinker.decoding import DecodeConfig
 from flythinker.serving.app import create_app
 from flythinker.serving.config import Limits
 from flythinker.serving.engine import Delta, Done, GenerationRequest, Sampling
@@ -43,8 +48,12 @@ def _concurrently(fn, args):
     return out
 
 
-def test_concurrent_requests_share_a_wave_and_match_their_solo_text(tiny, tmp_path):
-    svc, app = _app(tiny, tmp_path, batch_wait_ms=400)
+BOTH = pytest.mark.parametrize("batching", ["continuous", "wave"])
+
+
+@BOTH
+def test_concurrent_requests_share_a_wave_and_match_their_solo_text(tiny, tmp_path, batching):
+    svc, app = _app(tiny, tmp_path, batch_wait_ms=400, batching=batching)
     with TestClient(app) as c:
         uid, key = new_user(c, "alice")
         for t in ("I loved this album.", "Warm melodies and honest lyrics."):
@@ -70,8 +79,9 @@ def test_concurrent_requests_share_a_wave_and_match_their_solo_text(tiny, tmp_pa
     svc.db.close()
 
 
-def test_engine_direct_batching_counts(tiny, tmp_path):
-    svc, _ = _app(tiny, tmp_path, batch_wait_ms=300)
+@BOTH
+def test_engine_direct_batching_counts(tiny, tmp_path, batching):
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=300, batching=batching)
     svc.start()
     try:
         prompts = [svc.tokenizer.encode(t) for t in INPUTS]
@@ -85,15 +95,34 @@ def test_engine_direct_batching_counts(tiny, tmp_path):
         svc.db.close()
 
 
-def test_different_sampling_settings_decode_in_different_waves(tiny, tmp_path):
-    svc, _ = _app(tiny, tmp_path, batch_wait_ms=300)
+SETTINGS = [Sampling(), Sampling(), Sampling(True, 0.8, 0.9), Sampling(True, 0.8, 0.9),
+            Sampling(True, 0.8, 0.9, seed=3), Sampling(True, 0.8, 0.9, seed=3)]
+
+
+def test_continuous_batch_mixes_sampling_settings_and_seeded_rows_draw_as_alone(tiny, tmp_path):
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=300, decode=DecodeConfig(max_new_tokens=12, batch_size=8))
     svc.start()
     try:
         p = svc.tokenizer.encode(INPUTS[0])
-        settings = [Sampling(), Sampling(), Sampling(True, 0.8, 0.9), Sampling(True, 0.8, 0.9),
-                    Sampling(True, 0.8, 0.9, seed=3), Sampling(True, 0.8, 0.9, seed=3)]
+        alone = svc.engine.generate(p, 6, SETTINGS[4])[0]
+        s0 = svc.engine.stats()
+        out = _concurrently(lambda s: svc.engine.generate(p, 6, s), SETTINGS)
+        s1 = svc.engine.stats()
+        assert s1["waves"] - s0["waves"] == 1 and s1["max_wave"] == 6, s1  # every setting in one batch
+        assert out[4][0] == out[5][0] == alone
+        assert out[0][0] == out[1][0]
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_different_sampling_settings_decode_in_different_waves(tiny, tmp_path):
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=300, batching="wave")
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[0])
         w0 = svc.engine.stats()["waves"]
-        _concurrently(lambda s: svc.engine.generate(p, 6, s), settings)
+        _concurrently(lambda s: svc.engine.generate(p, 6, s), SETTINGS)
         # greedy together, unseeded sampling together, each seeded request alone
         assert svc.engine.stats()["waves"] - w0 == 4
     finally:
@@ -134,10 +163,11 @@ def test_request_timeout_is_a_504_and_a_stream_error_event(tiny, tmp_path):
     svc.db.close()
 
 
-def test_cancelled_rows_stop_and_a_fully_cancelled_wave_stops(tiny, tmp_path):
+@BOTH
+def test_cancelled_rows_stop_and_a_fully_cancelled_wave_stops(tiny, tmp_path, batching):
     import queue
 
-    svc, _ = _app(tiny, tmp_path, batch_wait_ms=200)
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=200, batching=batching)
     svc.start()
     eng = svc.engine
     try:
@@ -199,10 +229,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_row(tiny, tmp_path):
+@BOTH
+def test_a_client_that_disconnects_mid_stream_cancels_its_row(tiny, tmp_path, batching):
     import uvicorn
 
-    svc, app = _app(tiny, tmp_path, batch_wait_ms=0, limits=Limits(max_new_tokens=300))
+    svc, app = _app(tiny, tmp_path, batch_wait_ms=0, limits=Limits(max_new_tokens=300), batching=batching)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -248,6 +279,172 @@ def test_cancelled_requests_free_their_queue_places(tiny, tmp_path):
         waiting[0].cancel()  # its client went away
         svc.engine.submit(GenerationRequest(p, 2, Sampling(), lambda ev: None))
         assert svc.engine.stats()["queued"] == 2
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def _stream_into(engine, prompt, n, sampling=None):
+    """Submit; return (request, queue of its events)."""
+    import queue
+
+    got: queue.Queue = queue.Queue()
+    req = engine.submit(GenerationRequest(list(prompt), n, sampling or Sampling(), got.put))
+    return req, got
+
+
+def _text_of(got):
+    pieces = []
+    while True:
+        ev = got.get(timeout=60)
+        if isinstance(ev, Done):
+            return "".join(pieces), ev
+        assert isinstance(ev, Delta), ev
+        pieces.append(ev.text)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny_sft"])
+def test_requests_joining_a_running_batch_get_their_solo_text(kind, tmp_path, request):
+    model = request.getfixturevalue(kind)
+    svc, _ = _app(model, tmp_path, batch_wait_ms=0, limits=Limits(max_new_tokens=200))
+    eng = svc.engine
+    svc.start()
+    try:
+        tok = svc.tokenizer
+        long_p, *others = [tok.encode(t) for t in INPUTS]
+        solo_long = eng.generate(long_p, 150)
+        assert solo_long[1].completion_tokens == 150  # no early EOS: it is still running when the others arrive
+        solo = [eng.generate(p, n) for p, n in zip(others, (12, 30, 5))]
+        s0 = eng.stats()
+        _, got = _stream_into(eng, long_p, 150)
+        first = got.get(timeout=60)  # the long row is decoding: the next ones must join it mid-flight
+        assert isinstance(first, Delta)
+        joined = [_stream_into(eng, p, n) for p, n in zip(others, (12, 30, 5))]
+        texts = [_text_of(g) for _, g in joined]
+        rest = _text_of(got)
+        s1 = eng.stats()
+        assert s1["waves"] - s0["waves"] == 1, s1            # one busy period: nobody waited for the long row
+        assert s1["joins"] - s0["joins"] == 3 and s1["max_wave"] >= 2, s1
+        assert first.text + rest[0] == solo_long[0] and rest[1] == solo_long[1]
+        for (text, done), alone in zip(texts, solo):
+            assert text == alone[0] and done == alone[1]
+        deadline = time.monotonic() + 10
+        while eng.stats()["active"] and time.monotonic() < deadline:  # Done is sent just before the row leaves
+            time.sleep(0.01)
+        assert eng.stats()["active"] == 0
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_an_ended_row_leaves_and_a_waiting_request_takes_its_place(tiny, tmp_path):
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=200, decode=DecodeConfig(max_new_tokens=12, batch_size=2))
+    eng = svc.engine
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[1])
+        s0 = eng.stats()
+        long_req, long_got = _stream_into(eng, p, 80)
+        short = [_stream_into(eng, p, 3) for _ in range(3)]
+        for _, g in short:  # the batch holds 2 rows: each short one ends, and the next takes its row
+            assert _text_of(g)[1].completion_tokens <= 3
+        assert not long_req.cancelled.is_set()
+        done = _text_of(long_got)[1]
+        assert done.completion_tokens == 80 or done.finish_reason == "stop"
+        s1 = eng.stats()
+        assert s1["waves"] - s0["waves"] == 1 and s1["joins"] - s0["joins"] == 2, s1
+        assert s1["max_wave"] == 2
+        # the short ones were served while the long one ran: far fewer steps than in waves (80 + 3 + ...)
+        assert s1["steps"] - s0["steps"] <= 81
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_models_without_row_surgery_fall_back_to_waves(tiny, tmp_path, monkeypatch, caplog):
+    from flythinker.decoding import continuous
+
+    monkeypatch.setattr(continuous, "unsupported_reason", lambda model: "a test says so")
+    svc, _ = _app(tiny, tmp_path)
+    assert svc.engine.batching == "wave" and svc.engine.stats()["batching"] == "wave"
+    assert "a test says so" in caplog.text
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[0])
+        assert svc.engine.generate(p, 4)[1].completion_tokens <= 4
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_a_failing_step_fails_its_rows_with_500_and_the_engine_recovers(tiny, tmp_path, monkeypatch):
+    from flythinker.decoding.continuous import RowBatch
+    from flythinker.serving.errors import ApiError
+
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=0)
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[0])
+        real = RowBatch.step
+        monkeypatch.setattr(RowBatch, "step", lambda self, tokens: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(ApiError) as e:
+            svc.engine.generate(p, 5)
+        assert e.value.status == 500 and svc.engine.stats()["errors"] == 1
+        monkeypatch.setattr(RowBatch, "step", real)
+        assert svc.engine.generate(p, 5)[1].completion_tokens >= 1
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_a_row_past_its_deadline_leaves_with_504_and_its_batch_mates_continue(tiny, tmp_path):
+    import queue
+
+    from flythinker.serving.engine import Failed
+
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=100, limits=Limits(max_new_tokens=300))
+    eng = svc.engine
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[1])
+        alone = eng.generate(p, 120)
+        got_late: queue.Queue = queue.Queue()
+        late = GenerationRequest(p, 280, Sampling(), got_late.put, deadline=time.monotonic() + 0.3)
+        s0 = eng.stats()
+        eng.submit(late)
+        _, got = _stream_into(eng, p, 120)
+        events = []
+        while not events or not isinstance(events[-1], (Done, Failed)):
+            events.append(got_late.get(timeout=60))
+        assert isinstance(events[-1], Failed) and events[-1].error.status == 504
+        assert _text_of(got) == alone  # the row beside it is unaffected
+        assert eng.stats()["timeouts"] == s0["timeouts"] + 1
+    finally:
+        svc.stop()
+        svc.db.close()
+
+
+def test_the_queue_fills_only_once_the_running_batch_is_full(tiny, tmp_path):
+    from flythinker.serving.engine import QueueFull
+
+    svc, _ = _app(tiny, tmp_path, batch_wait_ms=0, decode=DecodeConfig(max_new_tokens=12, batch_size=2),
+                  limits=Limits(max_queue=1, max_new_tokens=400))
+    eng = svc.engine
+    svc.start()
+    try:
+        p = svc.tokenizer.encode(INPUTS[0])
+        running = []
+        for _ in range(2):  # one at a time: a queue of 1 holds one request until the worker takes it
+            running.append(_stream_into(eng, p, 400))
+            assert isinstance(running[-1][1].get(timeout=60), Delta)  # in the batch: the queue is empty again
+        assert eng.stats()["active"] == 2 and eng.stats()["queued"] == 0
+        waiting, _ = _stream_into(eng, p, 2)                    # no free row: it waits
+        with pytest.raises(QueueFull):
+            eng.submit(GenerationRequest(p, 2, Sampling(), lambda ev: None))
+        assert eng.stats()["queue_full"] >= 1
+        for req, _ in running:
+            req.cancel()
+        waiting.cancel()
     finally:
         svc.stop()
         svc.db.close()

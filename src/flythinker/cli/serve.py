@@ -70,7 +70,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     db = _open_db(cfg.db)
     model, tokenizer, name = load_model(cfg)
-    service = Service(db, model, tokenizer, cfg.data, cfg.decode, cfg.limits, cfg.name or name, cfg.batch_wait_ms)
+    service = Service(db, model, tokenizer, cfg.data, cfg.decode, cfg.limits, cfg.name or name, cfg.batch_wait_ms,
+                      cfg.batching)
     try:
         key = ensure_admin_key(db)
     except ValueError as e:

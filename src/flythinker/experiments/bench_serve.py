@@ -227,6 +227,8 @@ def one_request(client: Any, headers: dict[str, str], user_id: str, text: str, m
                 payload = line[len("data: "):]
                 if payload == "[DONE]":
                     break
+                if first is not None and '"usage"' not in payload and '"error"' not in payload:
+                    continue  # a later text delta: nothing to measure (keeps the client's CPU share small)
                 ev = json.loads(payload)
                 if "error" in ev:
                     return Result(False, error=str(ev["error"].get("message", ev["error"]))[:200])

@@ -2,7 +2,8 @@
 
     db.py        storage (SQLAlchemy ORM, alembic migrations in migrations/), DatabaseProfiles (a ProfileStore)
     auth.py      API keys: the admin key, per-user keys, who may touch which user
-    engine.py    the generation worker: one thread owns the model, concurrent requests decode as one batch
+    engine.py    the generation worker: one thread owns the model; requests join and leave one running batch
+                 (continuous batching over decoding/continuous.py) or decode in waves
     service.py   requests -> prompts (inference.Predictor + retrieval) -> the engine; loading from a ServeConfig
     app.py       the FastAPI routes (native API, OpenAI-compatible chat completions, playground at /)
     errors.py    the one JSON error shape and the handlers that enforce it

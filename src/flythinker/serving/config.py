@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config import ConfigError
 from ..data.config import DataConfig
@@ -70,7 +71,11 @@ class ServeConfig:
     dtype: str = "auto"
     """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16 or float16."""
     batch_wait_ms: float = 5.0
-    """How long the generation worker waits after a request arrives for others to join its batch."""
+    """How long an idle generation worker waits after a request arrives for others to share its prefill."""
+    batching: Literal["continuous", "wave"] = "continuous"
+    """continuous: requests join the running batch at the next step and ended rows leave it at once; wave: a batch
+    runs to its end before the next starts (the fallback; also used when the model cannot be batched
+    continuously)."""
     log_level: str = "info"
     """uvicorn log level (critical, error, warning, info, debug)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,6 +93,8 @@ class ServeConfig:
             raise ConfigError(f"port must be in 0..65535; got {self.port!r}")
         if not (math.isfinite(self.batch_wait_ms) and 0 <= self.batch_wait_ms <= 10_000):
             raise ConfigError(f"batch_wait_ms must be in [0, 10000]; got {self.batch_wait_ms!r}")
+        if self.batching not in ("continuous", "wave"):
+            raise ConfigError(f"batching must be continuous or wave; got {self.batching!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"log_level must be one of critical, error, warning, info, debug; got "
                               f"{self.log_level!r}")

@@ -1,20 +1,22 @@
-"""The generation worker: one background thread owns the model and decodes concurrent requests as one batch.
+"""The generation worker: one background thread owns the model and decodes concurrent requests in one batch.
 
-Requests wait in a bounded queue (`QueueFull` when it is full). The worker takes the oldest waiting request and every
-other waiting one that can share its decode (same sampling settings, up to `max_batch`, prompt + new tokens within
-the model's context), left-pads them into ONE batch and runs it through the shared decode loop
-(`flythinker.decoding.loop.stream`), which yields one token column per step for the whole batch. Each row's new text
-goes to its own request's sink as soon as it decodes; a row ends at its EOS, at its own max_new_tokens, at its
-deadline, or when its client cancels it (a wave whose rows are all finished or cancelled stops at that step).
+Requests wait in a bounded queue (`QueueFull` when it is full). Two batching modes (`batching=`):
 
-This is wave batching: a request arriving while a wave runs waits for the next wave. Joining a running wave at a
-step boundary (continuous batching) would need the steppers to grow their KV caches by rows mid-decode, which the
-decode loop does not offer; see docs/serving.md.
+* "continuous" (the default): one running batch (`flythinker.decoding.continuous.RowBatch`). At every step
+  boundary the waiting requests join it (prefilled as their own small batch, then merged into the running KV
+  caches) up to `max_batch` rows, and rows that finished (EOS, their own max_new_tokens, deadline) or were
+  cancelled leave it at once. Rows with different sampling settings share the batch: each row samples with its own
+  settings, a seeded row from its own random generator (`RowSampler`).
+* "wave": the oldest waiting request and every waiting one that can share its decode (same sampling settings, up to
+  `max_batch`, padded prompt + new tokens within the model's context) run as ONE left-padded batch through the
+  shared decode loop (`flythinker.decoding.loop.stream`); requests arriving meanwhile wait for the next wave, and
+  ended rows stay in the batch (their output discarded) until the wave ends. The fallback, also taken when the
+  model's decode state cannot be resized by rows (`RowsUnsupported`).
 
-Text is UTF-8 safe: each step decodes the row's ids so far and sends only the new suffix, holding back a trailing
-U+FFFD (a character whose bytes span tokens not all decoded yet); leading whitespace is dropped as `Predictor` strips
-it. Greedy requests batch together; sampled ones batch by (temperature, top_p, top_k); a seeded sampled request runs
-alone, since a batch shares one random generator and its draws would depend on its batch-mates.
+Either way each row's new text goes to its own request's sink as soon as it decodes, and greedy text is the same
+as the request decoded alone. Text is UTF-8 safe: each step decodes the row's ids so far and sends only the new
+suffix, holding back a trailing U+FFFD (a character whose bytes span tokens not all decoded yet); leading
+whitespace is dropped as `Predictor` strips it.
 """
 
 from __future__ import annotations
@@ -144,14 +146,25 @@ def timeout_error() -> ApiError:
     return ApiError(504, "the request exceeded the server's per-request time limit", "timeout_error")
 
 
+BATCHING = ("continuous", "wave")
+
+
 class GenerationEngine:
-    """The worker thread, its queue and its counters (`stats()`: waves, requests, rows decoded per wave, ...)."""
+    """The worker thread, its queue and its counters (`stats()`).
+
+    stats: `waves` (wave mode: waves run; continuous: busy periods, i.e. times the batch started from empty),
+    `requests` (accepted), `rows` (rows decoded), `joins` (rows that joined a running batch), `prefills` (prefill
+    passes), `steps` (token columns), `max_wave` (most rows decoded together), `cancelled`, `timeouts`, `errors`,
+    `queue_full` (429s), `queued` (waiting now), `active` (rows in the running batch now), `batching` (the mode).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], pad_id: int, max_batch: int = 4,
                  max_queue: int = 64, batch_wait_s: float = 0.005, concurrent: bool | str = "auto",
-                 cpu_threads: tuple[int, int] | None = None):
+                 cpu_threads: tuple[int, int] | None = None, batching: str = "continuous"):
         from ..hf import context_limit
 
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}; got {batching!r}")
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids, self.pad_id = list(eos_ids), int(pad_id)
         self.max_batch, self.max_queue, self.batch_wait_s = int(max_batch), int(max_queue), float(batch_wait_s)
@@ -163,9 +176,18 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stats = {"waves": 0, "requests": 0, "rows": 0, "steps": 0, "max_wave": 0, "cancelled": 0,
-                       "timeouts": 0, "errors": 0, "queue_full": 0}
-        self._lock = threading.Lock()  # guards _stats
+        self._stats = {"waves": 0, "requests": 0, "rows": 0, "joins": 0, "prefills": 0, "steps": 0, "max_wave": 0,
+                       "cancelled": 0, "timeouts": 0, "errors": 0, "queue_full": 0}
+        self._active = 0
+        self._lock = threading.Lock()  # guards _stats and _active
+        self.batching = batching
+        if batching == "continuous":
+            from ..decoding.continuous import unsupported_reason
+
+            why = unsupported_reason(model)
+            if why:
+                log.warning("continuous batching is not available for this model (%s); using wave batching", why)
+                self.batching = "wave"
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -193,11 +215,13 @@ class GenerationEngine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
-            out = dict(self._stats)
+            out: dict[str, Any] = dict(self._stats)
+            out["active"] = self._active
         with self._cond:
             out["queued"] = len(self._pending)
+        out["batching"] = self.batching
         return out
 
     def _count(self, **inc: int) -> None:
@@ -282,30 +306,137 @@ class GenerationEngine:
         self._pending = deque(r for r in self._pending if id(r) not in taken)
         return wave
 
+    def _wait_for_work(self) -> bool:
+        """Block until a request waits, then for the batching window; False when stopping (lock held)."""
+        while not self._pending and not self._stopping:
+            self._cond.wait()
+        if self._stopping:
+            return False
+        # Batching window: give requests sent at about the same time the chance to share one prefill.
+        deadline = self._pending[0].enqueued + self.batch_wait_s
+        while not self._stopping and len(self._pending) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return not self._stopping
+
+    def _report_dead(self, dead: list[tuple[GenerationRequest, str]]) -> None:
+        for req, why in dead:
+            self._count(**{why: 1})
+            if why == "timeout":
+                _Row(req, self.tokenizer).fail(timeout_error())
+
     def _run(self) -> None:
+        if self.batching == "continuous":
+            self._run_continuous()
+        else:
+            self._run_waves()
+
+    def _run_waves(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                # Batching window: give requests sent at about the same time the chance to share this wave.
-                deadline = self._pending[0].enqueued + self.batch_wait_s
-                while not self._stopping and len(self._pending) < self.max_batch:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if self._stopping:
+                if not self._wait_for_work():
                     return
                 dead = self._drop_dead(time.monotonic())
                 wave = self._take_wave() if self._pending else []
-            for req, why in dead:
-                self._count(**{why: 1})
-                if why == "timeout":
-                    _Row(req, self.tokenizer).fail(timeout_error())
+            self._report_dead(dead)
             if wave:
                 self._run_wave(wave)
+
+    def _deliver(self, row: _Row, t: int, eos: set[int], now: float) -> None:
+        """One sampled token for an unfinished row: end it (cancelled, shutting down, deadline, EOS, length) or
+        send its text."""
+        if row.req.cancelled.is_set():
+            row.finished = True  # its client has gone: nothing more to send
+            self._count(cancelled=1)
+        elif self._stopping:
+            row.fail(ApiError(503, "the server is shutting down", "unavailable_error"))
+        elif now > row.req.deadline:
+            row.fail(timeout_error())
+            self._count(timeouts=1)
+        elif t in eos:
+            row.finish("stop")
+        else:
+            row.push(int(t))
+            if len(row.ids) >= row.req.max_new_tokens:
+                row.finish("length")
+
+    def _run_continuous(self) -> None:
+        """The continuous batching loop: join waiting requests, sample one token per row, let ended rows leave,
+        step the rest; repeat. A failure fails every row in the batch (500) and starts afresh."""
+        import torch
+
+        from ..data.collate import collate
+        from ..decoding.continuous import RowBatch, RowSampler
+
+        eos = set(self.eos_ids)
+        device = next(self.model.parameters()).device
+        batch = RowBatch(self.model, **self.loop_kwargs)
+        sampler = RowSampler()
+        rows: list[_Row] = []
+        logits: Any = None
+        while True:
+            joiners: list[GenerationRequest] = []
+            try:
+                with self._cond:
+                    if not rows and not self._wait_for_work():
+                        return
+                    if self._stopping:
+                        for row in rows:
+                            row.fail(ApiError(503, "the server is shutting down", "unavailable_error"))
+                        batch.close()
+                        return
+                    dead = self._drop_dead(time.monotonic())
+                    room = self.max_batch - len(rows)
+                    while self._pending and len(joiners) < room:
+                        joiners.append(self._pending.popleft())
+                self._report_dead(dead)
+                if joiners:
+                    enc = collate([{"prompt_ids": r.prompt_ids} for r in joiners], self.pad_id, padding_side="left")
+                    with torch.no_grad():
+                        new = batch.add(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                        room=max(r.max_new_tokens for r in joiners))
+                    self._count(waves=0 if rows else 1, joins=len(joiners) if rows else 0, rows=len(joiners),
+                                prefills=1)
+                    logits = new if logits is None else torch.cat([logits, new.to(logits.device)])
+                    for r in joiners:
+                        rows.append(_Row(r, self.tokenizer))
+                        sampler.add(r.sampling.kwargs(), new.device)
+                    joiners = []
+                    with self._lock:
+                        self._active = len(rows)
+                        self._stats["max_wave"] = max(self._stats["max_wave"], len(rows))
+                if not rows:
+                    continue
+                tokens = sampler.sample(logits)
+                self._count(steps=1)
+                now = time.monotonic()
+                for row, t in zip(rows, tokens.tolist()):
+                    self._deliver(row, t, eos, now)
+                keep = [i for i, row in enumerate(rows) if not row.finished]
+                if len(keep) < len(rows):
+                    batch.keep(keep)
+                    sampler.keep(keep)
+                    rows = [rows[i] for i in keep]
+                    with self._lock:
+                        self._active = len(rows)
+                    if not rows:
+                        logits = None
+                        continue
+                    tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
+                with torch.no_grad():
+                    logits = batch.step(tokens)
+            except Exception as e:
+                log.error("continuous batch of %d rows failed", len(rows) + len(joiners), exc_info=e)
+                self._count(errors=1)
+                for row in rows + [_Row(r, self.tokenizer) for r in joiners]:
+                    if not row.finished:
+                        row.fail(ApiError(500, "generation failed (see the server log)", "server_error"))
+                batch.close()
+                batch, sampler, rows, logits = RowBatch(self.model, **self.loop_kwargs), RowSampler(), [], None
+                with self._lock:
+                    self._active = 0
 
     def _run_wave(self, wave: list[GenerationRequest]) -> None:
         import torch
@@ -314,9 +445,10 @@ class GenerationEngine:
         from ..decoding.loop import stream
 
         rows = [_Row(r, self.tokenizer) for r in wave]
-        self._count(waves=1, rows=len(rows))
+        self._count(waves=1, rows=len(rows), prefills=1)
         with self._lock:
             self._stats["max_wave"] = max(self._stats["max_wave"], len(rows))
+            self._active = len(rows)
         eos = set(self.eos_ids)
         try:
             enc = collate([{"prompt_ids": r.prompt_ids} for r in wave], self.pad_id, padding_side="left")
@@ -331,22 +463,8 @@ class GenerationEngine:
                         tokens = col.tolist()
                         now = time.monotonic()
                         for row, t in zip(rows, tokens):
-                            if row.finished:
-                                continue
-                            if row.req.cancelled.is_set():
-                                row.finished = True  # its client has gone: nothing more to send
-                                self._count(cancelled=1)
-                            elif self._stopping:
-                                row.fail(ApiError(503, "the server is shutting down", "unavailable_error"))
-                            elif now > row.req.deadline:
-                                row.fail(timeout_error())
-                                self._count(timeouts=1)
-                            elif t in eos:
-                                row.finish("stop")
-                            else:
-                                row.push(int(t))
-                                if len(row.ids) >= row.req.max_new_tokens:
-                                    row.finish("length")
+                            if not row.finished:
+                                self._deliver(row, t, eos, now)
                         if all(r.finished for r in rows):
                             break  # every row ended (or was cancelled): stop the wave at this step
                 finally:
@@ -360,6 +478,9 @@ class GenerationEngine:
             for row in rows:
                 if not row.finished:
                     row.fail(ApiError(500, "generation failed (see the server log)", "server_error"))
+        finally:
+            with self._lock:
+                self._active = 0
 
 
 class AsyncGeneration:
@@ -415,5 +536,5 @@ class AsyncGeneration:
         raise ApiError(500, "generation ended without a result", "server_error")
 
 
-__all__ = ["AsyncGeneration", "Delta", "Done", "Failed", "GenerationEngine", "GenerationRequest", "QueueFull",
+__all__ = ["BATCHING", "AsyncGeneration", "Delta", "Done", "Failed", "GenerationEngine", "GenerationRequest", "QueueFull",
            "Sampling"]

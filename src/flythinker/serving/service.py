@@ -37,7 +37,7 @@ class Prepared:
 class Service:
     def __init__(self, db: Database, model: Any, tokenizer: Any, data_cfg: DataConfig | None = None,
                  decode: DecodeConfig | None = None, limits: Limits | None = None, name: str = "flythinker",
-                 batch_wait_ms: float = 5.0):
+                 batch_wait_ms: float = 5.0, batching: str = "continuous"):
         from ..inference import Predictor
 
         self.db, self.profiles = db, DatabaseProfiles(db)
@@ -50,7 +50,8 @@ class Service:
         self.eos_ids, self.pad_id = base.eos_ids, base.pad
         self.engine = GenerationEngine(model, tokenizer, self.eos_ids, self.pad_id, max_batch=self.decode.batch_size,
                                        max_queue=self.limits.max_queue, batch_wait_s=batch_wait_ms / 1000.0,
-                                       concurrent=self.decode.concurrent, cpu_threads=self.decode.cpu_threads)
+                                       concurrent=self.decode.concurrent, cpu_threads=self.decode.cpu_threads,
+                                       batching=batching)
         # Prompt building shares one fast tokenizer across request threads; HF fast tokenizers may raise "Already
         # borrowed" when two threads encode while one changes truncation settings, so prompts are built one at a
         # time (cheap next to decoding; the engine thread only decodes ids, which is read-only).
@@ -71,7 +72,8 @@ class Service:
         db = db or Database(cfg.db)
         db.migrate()
         model, tokenizer, name = load_model(cfg)
-        return cls(db, model, tokenizer, cfg.data, cfg.decode, cfg.limits, cfg.name or name, cfg.batch_wait_ms)
+        return cls(db, model, tokenizer, cfg.data, cfg.decode, cfg.limits, cfg.name or name, cfg.batch_wait_ms,
+                   cfg.batching)
 
     # -- requests -----------------------------------------------------------------------------------------------
 
