@@ -48,3 +48,15 @@ def test_percentile():
     assert percentile([3.0], 95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_bench_serve_is_a_bench_verb(capsys):
+    """`flythinker bench serve` runs the same load test through the CLI; a bad setting is one line."""
+    from flythinker.cli.main import main as cli
+
+    assert cli(["bench", "serve", "--model", "tiny", "--clients", "1", "--requests", "2", "--max_new_tokens", "4",
+                "--warmup", "0", "--items", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bench"] == "serve" and [lv["clients"] for lv in res["levels"]] == [1]
+    assert cli(["bench", "serve", "--clients", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -25,6 +25,15 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--config", help="YAML with the settings below (flags override it)")
     add_dataclass_args(t, TrainBenchConfig)
     t.set_defaults(func=_train, config_cls=TrainBenchConfig)
+    from ..experiments.bench_serve import ServeBenchConfig
+
+    v = sub.add_parser("serve", help="load test of `flythinker serve`: throughput, p50/p95 latency, time to 1st token",
+                       description="Starts a server on 127.0.0.1, sends streaming requests at each client "
+                                   "concurrency, reports throughput, latency and TTFT per level and the ratio of the "
+                                   "most clients to the fewest.")
+    v.add_argument("--config", help="YAML with the settings below (flags override it)")
+    add_dataclass_args(v, ServeBenchConfig)
+    v.set_defaults(func=_serve, config_cls=ServeBenchConfig)
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -35,6 +44,14 @@ def _decode(args: argparse.Namespace) -> int:
     if cfg.methods:
         return _methods(cfg, "decode", runs=cfg.runs, examples=1, new_tokens=cfg.new_tokens)
     print_json_line(run_decode(cfg))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..experiments.bench_serve import run_serve_bench
+    from .main import print_json_line
+
+    print_json_line(run_serve_bench(build_config(args.config_cls, args, args.config)))
     return 0
 
 
