@@ -7,15 +7,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-# System packages: WordNet (METEOR) and PostgreSQL (the server's storage tests run on SQLite and on a real PostgreSQL).
+# System packages: WordNet (METEOR), PostgreSQL (the server's storage tests run on SQLite and on a real PostgreSQL)
+# and Chromium (the playground page is tested in a headless browser).
 NEED=""
 [ -f /usr/share/wordnet/data.noun ] || NEED="$NEED wordnet-base"
 command -v pg_ctlcluster >/dev/null 2>&1 || NEED="$NEED postgresql"
+# headless Chromium + its driver for the playground's browser test (tests/integration/test_playground_browser.py)
+command -v chromium >/dev/null 2>&1 || NEED="$NEED chromium"
+command -v chromedriver >/dev/null 2>&1 || NEED="$NEED chromium-driver"
 if [ -n "$NEED" ]; then
   if command -v apt-get >/dev/null 2>&1; then
     $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $NEED
   else
-    echo "warning: no apt-get; missing:$NEED (METEOR needs WordNet; the PostgreSQL tests will skip)" >&2
+    echo "warning: no apt-get; missing:$NEED (METEOR needs WordNet; the PostgreSQL and browser tests will skip)" >&2
   fi
 fi
 # Start the local PostgreSQL cluster (the tests connect over TCP on 127.0.0.1 and skip, saying why, if none runs).
