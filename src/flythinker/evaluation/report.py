@@ -38,7 +38,6 @@ from ..safeio import (
     atomic_write_text,
     check_output_dir,
     check_output_file,
-    decode_line,
     exclusive_lock,
     finite,
     special_kind,
@@ -190,15 +189,10 @@ def check_prediction_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_prediction_file(path: Path) -> PredictionSet:
-    """`read_predictions`, with a read failure or a non-UTF-8 byte turned into a one-line error naming the file
-    (and the line, for a bad byte)."""
+    """`read_predictions` (which names file and line for a bad byte, line or field), with an I/O failure while
+    reading turned into a one-line error naming the file."""
     try:
         return read_predictions(path)
-    except UnicodeDecodeError:
-        data = path.read_bytes()
-        for lineno, raw in enumerate(data.split(b"\n"), 1):
-            decode_line(raw, path, lineno)  # raises the UserError naming file, line and byte
-        raise UserError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the prediction file ({e.strerror})") from None
 
