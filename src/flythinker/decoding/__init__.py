@@ -1,7 +1,8 @@
-"""Decoding for every method: one `DecodeConfig` and sampling, the shared step loop, and two-call concurrency."""
+"""Decoding for every method: one `DecodeConfig`, sampling and the step's logits processing (transformers'
+processors), the shared step loop, and two-call concurrency."""
 
 from .loop import CausalLMStepper, GenerationMixin, generate, stream
-from .sampling import BACKENDS, DecodeConfig, sample_next_token
+from .sampling import BACKENDS, DecodeConfig, build_logits_processor, sample_next_token
 
-__all__ = ["BACKENDS", "CausalLMStepper", "DecodeConfig", "GenerationMixin", "generate", "sample_next_token",
-           "stream"]
+__all__ = ["BACKENDS", "CausalLMStepper", "DecodeConfig", "GenerationMixin", "build_logits_processor", "generate",
+           "sample_next_token", "stream"]

@@ -3,7 +3,8 @@
 Owns `RowBatch` (the running batch of a server: rows are added at a step boundary and dropped at any boundary, with
 every per-row tensor of the decode state, KV caches included, extended or compacted to match), the KV-cache surgery
 it needs (`merge_caches`, `select_cache`) and per-row sampling (`RowSampler`: each row its own settings and, when
-seeded, its own random generator, so rows with different settings share one batch).
+seeded, its own random generator, so rows with different settings share one batch; a row with a repetition penalty,
+no-repeat n-grams or min new tokens runs transformers' processors on its own history, prompt + its tokens).
 
 Why it is built on the model's own stepper: prefill and step stay the very code a solo `decoding.loop.stream` runs
 (`model.decoder(...)`: `CausalLMStepper`, or FlyThinker's two-cache `FlyThinkerStepper`), so a row's text is the
@@ -28,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from .loop import CausalLMStepper, PromptState
-from .sampling import DecodeConfig, sample_next_token
+from .sampling import (
+    DecodeConfig,
+    apply_processors,
+    build_logits_processor,
+    decode_config,
+    pick_token,
+    sample_next_token,
+)
 
 
 class RowsUnsupported(Exception):
@@ -319,37 +327,75 @@ class RowBatch:
         self.stepper, self.ops, self.rows = None, None, 0
 
 
+# Settings whose processors read the row's tokens so far.
+_HISTORY_KEYS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
+
+
+class _History:
+    """One row's running sequence (its own prompt, unpadded, then each picked token) and its logits processors."""
+
+    def __init__(self, cfg: DecodeConfig, prompt_ids: torch.Tensor, eos_ids: Sequence[int], device: torch.device):
+        self.ids = prompt_ids.reshape(1, -1).to(device=device, dtype=torch.long)                 # (1, T_i)
+        self.procs = build_logits_processor(cfg, eos_ids, self.ids.shape[1], device)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return apply_processors(self.procs, self.ids, logits.float())                           # (1, V)
+
+    def append(self, token: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, token.reshape(1, 1).to(self.ids)], dim=1)               # (1, T_i + t)
+
+
 class RowSampler:
     """Per-row sampling: greedy rows by one argmax, rows sharing unseeded settings by one draw from the global RNG,
-    and each seeded row from its own torch.Generator (so its draws do not depend on its batch-mates)."""
+    and each seeded row from its own torch.Generator (so its draws do not depend on its batch-mates). A row with a
+    repetition penalty, no-repeat n-grams or min new tokens also keeps its own history (its prompt and picked
+    tokens) and runs its own logits processors on it, as `decoding.loop` does for a batch, so its tokens are the
+    same as when it decodes alone."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[tuple, torch.Generator | None]] = []
+    def __init__(self, eos_token_id: int | Sequence[int] | None = None) -> None:
+        """eos_token_id: the ids min_new_tokens suppresses, for rows whose settings do not name their own."""
+        self.eos_token_id = eos_token_id
+        self.rows: list[tuple[tuple, torch.Generator | None, _History | None]] = []
 
-    def add(self, settings: dict[str, Any], device: torch.device) -> None:
-        """settings: DecodeConfig-style do_sample / temperature / top_p / top_k / seed of one new row."""
+    def add(self, settings: dict[str, Any], device: torch.device, prompt_ids: Any = None) -> None:
+        """settings: DecodeConfig-style do_sample / temperature / top_p / top_k / seed of one new row, and
+        optionally repetition_penalty / no_repeat_ngram_size / min_new_tokens (with eos_token_id, else the
+        sampler's). prompt_ids: the row's prompt (a sequence or 1-D tensor, no padding), needed by those three."""
         sampled = bool(settings.get("do_sample")) and float(settings.get("temperature", 1.0)) > 0
-        if not sampled:
-            self.rows.append((("greedy",), None))
-            return
-        key = ("sample", float(settings.get("temperature", 1.0)), int(settings.get("top_k", 0) or 0),
-               float(settings.get("top_p", 1.0)))
+        key = ("greedy",) if not sampled else ("sample", float(settings.get("temperature", 1.0)),
+                                               int(settings.get("top_k", 0) or 0), float(settings.get("top_p", 1.0)))
         seed = settings.get("seed")
-        gen = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
-        self.rows.append((key, gen))
+        gen = torch.Generator(device=device).manual_seed(int(seed)) if sampled and seed is not None else None
+        hist = None
+        if any(k in settings for k in _HISTORY_KEYS):
+            cfg = decode_config({k: v for k, v in settings.items() if k not in ("max_new_tokens", "seed")})
+            if cfg.uses_history:
+                if prompt_ids is None:
+                    raise ValueError("RowSampler.add: repetition_penalty / no_repeat_ngram_size / min_new_tokens "
+                                     "need the row's prompt_ids")
+                eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.eos_token_id
+                if cfg.min_new_tokens > 0 and eos is None:
+                    raise ValueError("RowSampler.add: min_new_tokens needs eos_token_id (in the settings or the "
+                                     "sampler)")
+                eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+                hist = _History(cfg, torch.as_tensor(prompt_ids), eos_ids, device)
+        self.rows.append((key, gen, hist))
 
     def keep(self, rows: Sequence[int]) -> None:
         self.rows = [self.rows[i] for i in rows]
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, V) logits -> (B,) next tokens."""
+        """(B, V) logits -> (B,) next tokens (each row with a history records its own)."""
         out = logits.argmax(dim=-1)
         groups: dict[tuple, list[int]] = {}
-        for i, (key, gen) in enumerate(self.rows):
-            if key[0] == "greedy":
+        for i, (key, gen, hist) in enumerate(self.rows):
+            if hist is not None:
+                # the processors include this row's warpers, so a sampled row draws from the filtered scores
+                out[i] = pick_token(hist.scores(logits[i: i + 1]), gen, key[0] == "sample")[0]
+            elif key[0] == "greedy":
                 continue
-            if gen is not None:
+            elif gen is not None:
                 _, temp, top_k, top_p = key
                 out[i] = sample_next_token(logits[i: i + 1], gen, True, temp, top_k, top_p)[0]
             else:
@@ -357,6 +403,9 @@ class RowSampler:
         for (_, temp, top_k, top_p), idx in groups.items():
             sel = torch.tensor(idx, device=logits.device)
             out[sel] = sample_next_token(logits.index_select(0, sel), None, True, temp, top_k, top_p)
+        for i, (_, _, hist) in enumerate(self.rows):
+            if hist is not None:
+                hist.append(out[i])
         return out
 
 

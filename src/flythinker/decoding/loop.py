@@ -7,7 +7,8 @@ A method plugs in through two things its model provides (the `Decodable` protoco
     positions): `prefill()` -> logits of the first new token, `step(tokens)` -> logits of the next one, `close()`.
 `CausalLMStepper` is the stepper of one HF causal LM (SFT, RAG, Non-personalized); FlyThinker's two-model step is
 `flythinker.methods.flythinker.decode`. `GenerationMixin` gives a model `generate` and `stream` on top of these.
-Sampling is `flythinker.decoding.sampling`; overlapping two calls per step is `flythinker.decoding.concurrency`.
+Sampling and the step's logits processing (repetition penalty, no-repeat n-grams, min new tokens: transformers'
+processors) are `flythinker.decoding.sampling`; overlapping two calls per step is `flythinker.decoding.concurrency`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch
 from torch import nn
 
 from ..hf import accepts, cache_kwargs, context_limit, device_of, new_cache, position_ids_from_mask
-from .sampling import DecodeConfig, decode_config, sample_next_token
+from .sampling import (
+    NO_TOKEN,
+    DecodeConfig,
+    apply_processors,
+    build_logits_processor,
+    decode_config,
+    pick_token,
+    sample_next_token,
+)
 
 
 class Stepper(Protocol):
@@ -146,16 +155,17 @@ def special_ids(generator: nn.Module, cfg: DecodeConfig) -> tuple[list[int], int
 
 
 def stream(model: Decodable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           streamer: Any = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+           streamer: Any = None, generation_config: Any = None, **kwargs: Any) -> Iterator[torch.Tensor]:
     """Decode step by step, yielding each new token column (B,) as soon as it is picked.
 
-    input_ids / attention_mask: (B, T) left-padded prompt. kwargs: `DecodeConfig` fields. Rows that have emitted
-    EOS yield pad_token_id; iteration stops when every row is done or after max_new_tokens columns.
+    input_ids / attention_mask: (B, T) left-padded prompt. kwargs: `DecodeConfig` fields, overriding
+    `generation_config` (a transformers.GenerationConfig, see `DecodeConfig.from_generation_config`). Rows that
+    have emitted EOS yield pad_token_id; iteration stops when every row is done or after max_new_tokens columns.
     streamer: optional object with put/end (transformers' TextStreamer works): it gets the prompt first, then every
     column (as transformers' generate does), then end().
     Bad input raises here, before the first next(); decoding starts on the first next().
     """
-    cfg = decode_config(kwargs)
+    cfg = decode_config({**kwargs, "generation_config": generation_config})
     attention_mask = check_inputs(model.decode_lms(), input_ids, attention_mask, cfg)
     return _stream(model, input_ids, attention_mask, cfg, streamer)
 
@@ -170,14 +180,29 @@ def _stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     rng = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
     eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=dev)
+    seq = procs = None
+    if cfg.uses_history:  # the one check default settings pay: no sequence kept, no processors built
+        B, T = input_ids.shape
+        procs = build_logits_processor(cfg, eos_ids, T, dev)
+        with torch.inference_mode():
+            # The running sequence the processors read: prompt (padding as NO_TOKEN, so it counts for nothing)
+            # then each picked column; seq[:, : T + t] is what step t sees.
+            seq = torch.full((B, T + cfg.max_new_tokens), NO_TOKEN, dtype=torch.long, device=dev)  # (B, T + N)
+            seq[:, :T] = input_ids.to(dev).masked_fill(attention_mask.to(dev) == 0, NO_TOKEN)
     try:
         if streamer is not None:
             streamer.put(input_ids.detach().cpu())
         logits = stepper.prefill()                                                    # (B, V)
         for t in range(cfg.max_new_tokens):
             with torch.inference_mode():
-                raw = sample_next_token(logits, rng, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
+                if procs is None:
+                    raw = sample_next_token(logits, rng, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
+                else:
+                    scores = apply_processors(procs, seq[:, : T + t], logits.float())       # (B, V)
+                    raw = pick_token(scores, rng, cfg.sampled)                              # (B,)
                 col = torch.where(done, torch.full_like(raw, pad), raw)               # (B,)
+                if seq is not None:
+                    seq[:, T + t] = col  # finished rows append pad, as transformers' generate does
                 done = done | torch.isin(raw, eos)
                 finished = bool(done.all()) or t == cfg.max_new_tokens - 1            # the one host sync a step
             col = col.clone()  # a normal tensor for the caller (inference tensors refuse in-place updates)
@@ -196,11 +221,11 @@ def _stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 
 
 def generate(model: Decodable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             streamer: Any = None, **kwargs: Any) -> torch.Tensor:
+             streamer: Any = None, generation_config: Any = None, **kwargs: Any) -> torch.Tensor:
     """KV-cached decoding of a left-padded batch. input_ids / attention_mask: (B, T). kwargs: `DecodeConfig`
-    fields. Returns a LongTensor (B, N) of the new tokens only, N <= max_new_tokens, each row padded with
-    pad_token_id after its EOS."""
-    cfg = decode_config(kwargs)
+    fields, overriding `generation_config` (a transformers.GenerationConfig). Returns a LongTensor (B, N) of the
+    new tokens only, N <= max_new_tokens, each row padded with pad_token_id after its EOS."""
+    cfg = decode_config({**kwargs, "generation_config": generation_config})
     attention_mask = check_inputs(model.decode_lms(), input_ids, attention_mask, cfg)
     cols = list(_stream(model, input_ids, attention_mask, cfg, streamer))
     return torch.stack(cols, dim=1)
@@ -211,14 +236,17 @@ class GenerationMixin:
     generate from its GenerationMixin)."""
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config: Any = None, **kwargs: Any):
         """Returns a LongTensor (B, N) of new tokens only, rows padded with pad_token_id after their EOS.
-        kwargs: `flythinker.decoding.DecodeConfig` fields."""
-        return generate(self, input_ids, attention_mask, **kwargs)
+        kwargs: `flythinker.decoding.DecodeConfig` fields, overriding `generation_config` (a
+        transformers.GenerationConfig)."""
+        return generate(self, input_ids, attention_mask, generation_config=generation_config, **kwargs)
 
-    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               generation_config: Any = None, **kwargs: Any):
         """Yields each new token column (B,) as it is picked; see `flythinker.decoding.loop.stream`."""
-        return stream(self, input_ids, attention_mask, **kwargs)
+        return stream(self, input_ids, attention_mask, generation_config=generation_config, **kwargs)
 
 
 __all__ = ["CausalLMStepper", "Decodable", "GenerationMixin", "PromptState", "Stepper", "check_inputs", "generate",
