@@ -9,8 +9,8 @@ from typing import Literal
 from ..config import ConfigError
 from .schema import TASKS
 
-Retrieval = Literal["bm25", "recency", "random", "all", "none"]
-RETRIEVALS: tuple[str, ...] = ("bm25", "recency", "random", "all", "none")
+Retrieval = Literal["bm25", "recency", "both", "random", "all", "none"]
+RETRIEVALS: tuple[str, ...] = ("bm25", "recency", "both", "random", "all", "none")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a personalized writing assistant. Write the requested text as this user would write it, "
@@ -26,8 +26,8 @@ class DataConfig:
     """Prompt template and query extraction: auto (from the data), product_review, abstract_generation,
     topic_writing or generic."""
     retrieval: Retrieval = "bm25"
-    """Which profile items enter the prompt: bm25 (most relevant to the query), recency (newest), random
-    (seeded), all, or none (non-personalized)."""
+    """Which profile items enter the prompt: bm25 (most relevant to the query), recency (newest), both (the
+    newest item, then the most relevant others), random (seeded), all, or none (non-personalized)."""
     k: int = 2
     """How many profile items to select (ignored by "all"; 0 means none). The paper's main runs use 2."""
     profile_tokens: int = 1250

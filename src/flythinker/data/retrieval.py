@@ -1,4 +1,5 @@
-"""Which profile items go into the prompt: BM25 over the user's own history, recency, seeded random, all, or none.
+"""Which profile items go into the prompt: BM25 over the user's own history, recency, both (the newest item plus
+BM25's picks), seeded random, all, or none.
 
 Owns the per-task query extraction (what LongLaMP retrieves with: the product's description/summary, the paper
 title and keywords, the post text; the whole input for generic data) and the per-task document text of an item.
@@ -96,6 +97,7 @@ def select_profile(example: Example, task: str, retrieval: str = "bm25", k: int 
     """The profile items to show, in prompt order, from `store` (default: the example's inline profile).
 
     bm25: highest score first, ties in profile order; recency: the first k of the newest-first profile;
+    both: the newest item first, then the highest-scoring of the others (as bm25) up to k in all;
     random: k items drawn with a per-example seeded RNG, shown in profile order; all: the whole profile;
     none (or k == 0): nothing.
     """
@@ -112,9 +114,12 @@ def select_profile(example: Example, task: str, retrieval: str = "bm25", k: int 
     if retrieval == "random":
         picked = sorted(_example_rng(seed, example.id).sample(range(len(profile)), k))
         return [profile[i] for i in picked]
-    if retrieval == "bm25":
+    if retrieval in ("bm25", "both"):
         scores = bm25_scores(query_text(example, task), [item_document(it, task) for it in profile])
         order = sorted(range(len(profile)), key=lambda i: (-scores[i], i))
+        if retrieval == "both":
+            # The newest item (index 0 of the newest-first profile) whatever its score, so BM25 cannot pick it twice.
+            order = [0] + [i for i in order if i != 0]
         return [profile[i] for i in order[:k]]
     raise ValueError(f"unknown retrieval {retrieval!r}")
 

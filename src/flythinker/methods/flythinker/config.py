@@ -17,7 +17,7 @@ from ...config import ConfigError, from_dict
 Scope = Literal["global", "input", "output"]
 WidthMode = Literal["project", "pad"]
 Normalize = Literal["none", "center", "standardize"]
-
+Gate = Literal["none", "scalar", "vector"]
 
 
 @dataclass
@@ -37,6 +37,11 @@ class FlyThinkerConfig:
     Reasoner's own mean / std over training tokens (`FlyThinker.calibrate`; the trainer does it; saved with the
     model). Not in the paper: R's final-layer states share one large common direction and a few massive dimensions,
     so rescaled they act as a near-constant, out-of-distribution offset on every embedding (docs/results.md)."""
+    gate: Gate = "none"
+    """Not in the paper: multiply λ·r by tanh(g), a learned gate initialised to 0 (as Flamingo gates its
+    cross-attention), so training starts exactly at the plain Generator (the SFT model) and learns how much of r
+    to let in. "scalar": one g; "vector": one g per Generator dimension; "none": no gate (the paper's Eq. 6).
+    Trained with its own learning rate, train.lr_gate."""
 
     def __post_init__(self) -> None:
         if self.scope not in ("global", "input", "output"):
@@ -46,6 +51,8 @@ class FlyThinkerConfig:
         if self.normalize not in typing.get_args(Normalize):
             raise ConfigError(f"normalize must be one of {', '.join(typing.get_args(Normalize))}; "
                               f"got {self.normalize!r}")
+        if self.gate not in typing.get_args(Gate):
+            raise ConfigError(f"gate must be one of {', '.join(typing.get_args(Gate))}; got {self.gate!r}")
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ConfigError(f"lam must be a finite number >= 0; got {self.lam!r}")
 

@@ -2,7 +2,8 @@
 function that feeds R's latent states into G's input embeddings (paper Eq. 4-9, Algorithm 1, Appendix G).
 
 Owns: reasoning (`reason`, Eq. 4/7), the shift r_{i-1} -> position i (`shift_states`), where fusion applies
-(`fusion_mask`, scope), the fusion itself (`fuse`, Eq. 6), the teacher-forced forward and loss (Eq. 8-9),
+(`fusion_mask`, scope), the fusion itself (`fuse`, Eq. 6, with the optional tanh gate of `FusionGate`), the
+teacher-forced forward and loss (Eq. 8-9),
 the training hooks (`trainable_parts`, `prepare_training`), the decode hooks (`decode_lms`, `decoder`), save/load.
 Its decode step (`decode.py`) calls these same functions; there is no second implementation.
 """
@@ -51,13 +52,28 @@ class FlyThinkerOutput:
     reasoner_states: torch.Tensor | None = None
 
 
+class FusionGate(nn.Module):
+    """config.gate (not in the paper): the learned factor tanh(g) on λ·r, g initialised to 0 so an untrained gated
+    model is exactly the plain Generator. `shape` () for one scalar g, (H_G,) for one g per Generator dimension.
+    Kept in fp32 whatever the models' dtype: its updates (about lr each) would round away in bf16."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | None = None):
+        super().__init__()
+        self.g = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        """tanh(g): () or (H_G,), in (-1, 1), broadcasting over (B, T, H_G)."""
+        return torch.tanh(self.g)
+
+
 class FlyThinker(GenerationMixin, nn.Module):
     """Generator + optional Reasoner. `reasoner=None` (or lam=0) is exactly the plain Generator (the SFT baseline).
 
     Args:
         generator: any `transformers` causal LM (PreTrainedModel, or a peft wrapper of one).
         reasoner: another causal LM embedding the same token ids, or None.
-        config: fusion settings (λ, scope, rescaling, width handling).
+        config: fusion settings (λ, scope, rescaling, width handling, gate). An untrained gate (g = 0) is also
+            exactly the plain Generator.
         tokenizer / reasoner_tokenizer: optional; when given, their vocabularies are checked to be identical and the
             tokenizer's length bounds the ids that can occur (so padded embedding tables of different sizes pass).
     """
@@ -70,6 +86,7 @@ class FlyThinker(GenerationMixin, nn.Module):
         self.reasoner = reasoner
         self.tokenizer = tokenizer
         self.projection: nn.Linear | None = None
+        self.gate: FusionGate | None = None
         if reasoner is not None:
             check_vocabularies(generator, reasoner, tokenizer, reasoner_tokenizer)
             d_r, d_g = hidden_size(reasoner), hidden_size(generator)
@@ -90,6 +107,9 @@ class FlyThinker(GenerationMixin, nn.Module):
                     self.projection.to(device=p.device, dtype=p.dtype)
             # Statistics of R's final-layer states for config.normalize (set by `calibrate`, saved with the model;
             # r_count = calibration tokens, 0 = not calibrated). fp32 whatever the models' dtype.
+            if self.config.gate != "none":
+                shape = () if self.config.gate == "scalar" else (d_g,)
+                self.gate = FusionGate(shape, device=next(generator.parameters()).device)
             dev = next(reasoner.parameters()).device
             self.register_buffer("r_mean", torch.zeros(d_r, device=dev))
             self.register_buffer("r_std", torch.ones(d_r, device=dev))
@@ -200,7 +220,8 @@ class FlyThinker(GenerationMixin, nn.Module):
 
     def fuse(self, token_embeds: torch.Tensor, prev_states: torch.Tensor, mask: torch.Tensor,
              emb_norm: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 6: e(x_i) + λ · rescale(proj(r_{i-1})) at the masked positions. Used by training AND decoding.
+        """Eq. 6: e(x_i) + λ · rescale(proj(r_{i-1})) at the masked positions; with config.gate,
+        e(x_i) + tanh(g) ⊙ λ · rescale(proj(r_{i-1})). Used by training AND decoding.
 
         token_embeds: (B, T, H_G) Generator embeddings e(x_i).
         prev_states: (B, T, H_R) the Reasoner state of the PREVIOUS position, already aligned to i.
@@ -220,6 +241,8 @@ class FlyThinker(GenerationMixin, nn.Module):
             # R's raw final-layer states are ~10-100x larger than token embeddings; unscaled they would swamp e(x).
             r = r * (target.to(r.device) / r.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         add = self.config.lam * r * mask.to(r.device, torch.float32).unsqueeze(-1)      # (B, T, H_G)
+        if self.gate is not None:
+            add = add * self.gate().to(add.device)                      # () or (H_G,) broadcast over (B, T, H_G)
         return token_embeds + add.to(token_embeds.dtype)
 
     def fused_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -289,7 +312,7 @@ class FlyThinker(GenerationMixin, nn.Module):
     def trainable_parts(self) -> list[tuple[str, nn.Module]]:
         """(name, module) pairs that get their own optimizer groups (learning rates `lr_<name>`)."""
         return [(n, m) for n, m in (("generator", self.generator), ("reasoner", self.reasoner),
-                                    ("projection", self.projection)) if m is not None]
+                                    ("projection", self.projection), ("gate", self.gate)) if m is not None]
 
     def prepare_training(self, features: Sequence[dict[str, Any]], calibration_examples: int,
                          pad_token_id: int) -> int:
@@ -311,7 +334,8 @@ class FlyThinker(GenerationMixin, nn.Module):
     # persistence
 
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
-        """HF-style directory: generator/, reasoner/ (if any), flythinker.json, fusion.safetensors (if projected),
+        """HF-style directory: generator/, reasoner/ (if any), flythinker.json, fusion.safetensors (if projected,
+        gated or calibrated),
         and the tokenizer inside generator/ (so `AutoTokenizer.from_pretrained(path/'generator')` works).
         LoRA-wrapped sub-models are saved merged, so the directory loads without peft."""
         path = Path(path)
@@ -323,11 +347,14 @@ class FlyThinker(GenerationMixin, nn.Module):
             _save_lm(self.reasoner, path / "reasoner", safe_serialization)
         calibrated = self.calibrated
         meta = {"flythinker": self.config.to_dict(), "has_reasoner": self.reasoner is not None,
-                "has_projection": self.projection is not None, "calibrated": calibrated, "format_version": 1}
+                "has_projection": self.projection is not None, "has_gate": self.gate is not None,
+                "calibrated": calibrated, "format_version": 1}
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         tensors = {}
         if self.projection is not None:
             tensors["projection.weight"] = self.projection.weight.detach().cpu().contiguous()
+        if self.gate is not None:
+            tensors["gate.g"] = self.gate.g.detach().cpu().contiguous()
         if calibrated:
             tensors.update({k: getattr(self, k).detach().cpu().contiguous() for k in ("r_mean", "r_std", "r_count")})
         if tensors:
@@ -386,7 +413,9 @@ class FlyThinker(GenerationMixin, nn.Module):
         model = cls(generator, reasoner, cfg, tokenizer=tokenizer)
         if meta.get("has_projection") and model.projection is None:
             raise ValueError(f"{path}: saved with a projection but the configured width_mode has none")
-        if meta.get("has_projection") or meta.get("calibrated"):
+        if meta.get("has_gate") and model.gate is None:
+            raise ValueError(f"{path}: saved with a fusion gate but the configured gate is 'none'")
+        if meta.get("has_projection") or meta.get("has_gate") or meta.get("calibrated"):
             from safetensors.torch import load_file
 
             fusion_file = path / FUSION_WEIGHTS
@@ -398,6 +427,7 @@ class FlyThinker(GenerationMixin, nn.Module):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(f"{fusion_file}: cannot load ({first})") from None
             keys = (["projection.weight"] if meta.get("has_projection") else []) + \
+                (["gate.g"] if meta.get("has_gate") else []) + \
                 (["r_mean", "r_std", "r_count"] if meta.get("calibrated") else [])
             missing = [k for k in keys if k not in saved]
             if missing:
@@ -406,6 +436,12 @@ class FlyThinker(GenerationMixin, nn.Module):
                 if meta.get("has_projection"):
                     w = saved["projection.weight"]
                     model.projection.weight.copy_(w.to(model.projection.weight.dtype))
+                if meta.get("has_gate"):
+                    g = saved["gate.g"]
+                    if g.shape != model.gate.g.shape:
+                        raise ValueError(f"{fusion_file}: gate of shape {tuple(g.shape)}, but the configured gate "
+                                         f"{model.config.gate!r} has shape {tuple(model.gate.g.shape)}")
+                    model.gate.g.copy_(g)
                 if meta.get("calibrated"):
                     for k in ("r_mean", "r_std", "r_count"):
                         getattr(model, k).copy_(saved[k])
