@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from .base import Method, ModelArgs
 from .coconut import Coconut
+from .copy import CopyLatest, CopyRetrieved
+from .cos import CoS
 from .cot import CoT
 from .flythinker.method import FlyThinkerMethod
 from .interleaved import Interleaved
+from .nextquill import NextQuill
 from .sft import RAG, SFT, NonPersonalized
+from .trsr import TRSR
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     NonPersonalized(),
@@ -18,6 +22,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     CoT(),
     Coconut(),
     Interleaved(),
+    CoS(),
+    TRSR(),
+    NextQuill(),
+    CopyLatest(),
+    CopyRetrieved(),
 )}
 
 

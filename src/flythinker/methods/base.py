@@ -12,7 +12,9 @@ The trainer, the generate verb, the experiments and the server only talk to this
     `features(examples, tokenizer, data)` -> what the trainer consumes (default: prompt + response ids);
   * optionally, after `generate`, `model.last_generation_extras` (one dict per row: side outputs such as reasoning
     token ids, stored in the predictions' "extra" field, never scored);
-  * `trained`: whether the comparison trains it before generating.
+  * `trained`: whether the comparison trains it before generating;
+  * `model_free` (no model at all, e.g. the copy floors): `predict_texts(examples, data)` gives the predictions
+    instead, and nothing is built, loaded, trained or timed.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from torch import nn
 from ..data.collate import IGNORE_INDEX
 from ..data.config import DataConfig
 from ..data.schema import Example
-from ..utils import UserError
-from .configs import CoconutConfig, CoTConfig, InterleavedConfig
+from ..utils import DTYPES, UserError
+from .configs import CoconutConfig, CoSConfig, CoTConfig, InterleavedConfig, NextQuillConfig, TRSRConfig
 from .flythinker.config import FlyThinkerConfig
 
 
@@ -41,12 +43,17 @@ class ModelArgs:
     method: str = "flythinker"
     """A trainable method of the registry (`flythinker.methods.METHODS`): flythinker (Generator + Reasoner), sft
     (the Generator alone: the paper's SFT baseline), coconut (latent think-then-generate), interleaved (the
-    same-model foil), cot (explicit reasoning, then the response)."""
+    same-model foil), cot (explicit reasoning, then the response), trsr (LLM-TRSR: a history summary in the
+    prompt), nextquill (causally weighted response tokens)."""
     generator: str = "default"
     """"default" (embedded SmolLM2-135M-Instruct), a local model directory, or a hub id."""
     reasoner: str = "default"
     """"default" (first k layers of the Generator, k = flythinker.default_model.DEFAULT_REASONER_LAYERS), an
     integer k, a local model directory or hub id, or "none"."""
+    dtype: str = "auto"
+    """Dtype the Generator and Reasoner weights are loaded in: auto (= float32: training keeps fp32 master weights
+    and gets bf16 compute from train.precision's autocast), float32, bfloat16 or float16 (weights and optimizer
+    state in that dtype, no fp32 copy: explicit only)."""
     fusion: FlyThinkerConfig = field(default_factory=FlyThinkerConfig)
     """How the Reasoner's states are fused into the Generator (FlyThinker only)."""
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
@@ -55,6 +62,12 @@ class ModelArgs:
     """The interleaved foil's thoughts (interleaved only): every, rescale."""
     cot: CoTConfig = field(default_factory=CoTConfig)
     """CoT's reasoning (cot only): max_reasoning_tokens, delimiters, teacher (model.cot.teacher.name ...)."""
+    cos: CoSConfig = field(default_factory=CoSConfig)
+    """Context steering (cos only, untrained): lam, the weight of the history's influence on next-token log-probs."""
+    trsr: TRSRConfig = field(default_factory=TRSRConfig)
+    """LLM-TRSR's history summary (trsr only): summary_tokens, summary_k, header, teacher (model.trsr.teacher...)."""
+    nextquill: NextQuillConfig = field(default_factory=NextQuillConfig)
+    """NextQuill's token weights and auxiliary term (nextquill only): threshold, high, low, alpha."""
     freeze_generator: bool = False
     """Keep the Generator's weights fixed."""
     freeze_reasoner: bool = False
@@ -80,6 +93,8 @@ class ModelArgs:
             raise UserError(f"model.method must be one of {', '.join(trainable)}; got {self.method!r}")
         if self.lora_r < 1 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1:
             raise UserError("model.lora_r and model.lora_alpha must be >= 1 and model.lora_dropout in [0, 1)")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
 
 
 class Method:
@@ -91,7 +106,13 @@ class Method:
     """Row name in comparison tables (and the predictions' `method` field in experiments)."""
     trained: bool = True
     """Whether experiments train it before generating."""
+    model_free: bool = False
+    """No model at all: experiments call `predict_texts` instead of building one (then `trained` is False)."""
     description: str = ""
+
+    def predict_texts(self, examples: Sequence[Example], data: DataConfig) -> list[str]:
+        """A model-free method's predictions, one per example in order, under the experiment's prompt settings."""
+        raise NotImplementedError(f"{self.name} has a model: use build / load and generate")
 
     def data_config(self, data: DataConfig) -> DataConfig:
         """The prompt settings this method sees (a preset over the experiment's)."""
@@ -119,7 +140,8 @@ class Method:
         `from_lms`."""
         from ..models import load_models
 
-        generator, reasoner, tokenizer = load_models(args.generator, args.reasoner if self.uses_reasoner else "none")
+        generator, reasoner, tokenizer = load_models(args.generator, args.reasoner if self.uses_reasoner else "none",
+                                                     dtype=args.dtype)
         return self.from_lms(generator, reasoner, args, tokenizer), tokenizer
 
     def from_lms(self, generator: nn.Module, reasoner: nn.Module | None, args: ModelArgs,
