@@ -19,15 +19,26 @@ vocabulary entries: nothing in the tokenizer, the embedding table or the LM head
 unmodified and a checkpoint's generator/ is a plain HF model. Training runs c + 1 passes over one KV cache, as the
 official code does; its decoding takes one prompt at a time and re-runs the whole sequence for every new token,
 while here decoding is batched (left padding, per-row positions) and KV-cached.
-Not implemented: Coconut's curriculum (replacing the first k steps of a chain-of-thought with k·c thoughts, stage
-by stage): the data here carries no reasoning chains, so training is the last stage only (all c thoughts at once).
+
+Coconut's curriculum (`coconut.curriculum`, off by default; off, training is the last stage only, all c thoughts
+at once) takes its chain of thought s_1..s_n from a teacher (`methods.teachers`, as CoT does), one step a sentence:
+
+    stage k = 0..K:  x_1 .. x_P  <bot>  ẽ_1 .. ẽ_{k·c}  <eot>  s_{k+1} .. s_n  y_1 .. y_N   (stage K: no s at all)
+    loss:            on the remaining steps and the response
+
+`Coconut.features` writes every stage of each example (`curriculum_feature`, thoughts as `LATENT_SLOT` ids), the
+trainer takes them stage by stage (their "stage" field), and the forward gives each row as many thoughts as it has
+slots (`take_latent_slots`; a row with fewer than the batch's most has its first thought columns masked). A
+curriculum-trained model decodes with its last stage's K·c thoughts (`CoconutModel.n_thoughts`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +47,8 @@ import torch
 from torch import nn
 
 from ..data.collate import IGNORE_INDEX
+from ..data.config import DataConfig
+from ..data.schema import Example
 from ..decoding.loop import GenerationMixin, PromptState, special_ids
 from ..decoding.sampling import DecodeConfig, decode_config
 from ..hf import base_model, cache_kwargs, context_limit, device_of, new_cache, position_ids_from_mask
@@ -49,6 +62,9 @@ CONFIG_NAME = "flythinker.json"
 EXTRA_WEIGHTS = "latent_markers.safetensors"
 """The marker embeddings, kept under generator/: they are the Generator's extra input rows, and everything that
 checks or fingerprints a checkpoint's generator/ (resume, generate, the predictions' checkpoint digest) covers them."""
+LATENT_SLOT = -1
+"""The input id of a latent slot in a curriculum feature (no tokenizer has a negative id): the column where the
+forward puts a continuous thought. Slots sit between a row's prompt and its supervised tokens."""
 
 
 @dataclass
@@ -117,6 +133,54 @@ def split_prompt_response(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = take(labels if labels is not None else input_ids, r_src, r_valid, IGNORE_INDEX)
     return PromptResponse(take(input_ids, p_src, p_valid, 0), p_valid.long(), response_ids, r_valid.long(),
                           targets)
+
+
+def take_latent_slots(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Strip the latent slots (`LATENT_SLOT`) off the end of left-padded prompts (as `split_prompt_response` makes
+    them) and re-pad the rest so every prompt again ends in the last column.
+
+    prompt_ids, prompt_mask: (B, P); each row's slots must be its last real columns.
+    Returns (prompt_ids (B, P'), prompt_mask (B, P'), slots per row (B,)), P' = the longest prompt left.
+    """
+    B, P = prompt_ids.shape
+    slots = (prompt_ids == LATENT_SLOT) & prompt_mask.bool()                                 # (B, P)
+    n = slots.sum(-1)                                                                        # (B,)
+    cols = torch.arange(P, device=prompt_ids.device)[None]                                   # (1, P)
+    if not torch.equal(slots, cols >= (P - n)[:, None]) or bool((prompt_ids < 0).logical_and(~slots).any()):
+        raise ValueError("coconut curriculum: each row's latent slots must sit between its prompt and its "
+                         "supervised tokens, and no other id may be negative")
+    src = (cols - n[:, None]).clamp(min=0)                                                   # shift right by n
+    valid = (cols >= n[:, None]) & prompt_mask.gather(1, src).bool()
+    ids = prompt_ids.gather(1, src).masked_fill(~valid, 0)
+    width = int(valid.sum(-1).max()) if B else 0
+    return ids[:, P - width:], valid[:, P - width:].long(), n
+
+
+def reasoning_steps(text: str) -> list[str]:
+    """The curriculum's reasoning steps: the teacher's text cut into sentences (`data.truncate`'s boundaries), each
+    stripped and ended with a newline, as Coconut ends each step; empty pieces dropped."""
+    from ..data.truncate import sentence_ends
+
+    text = text.strip()
+    bounds = [0, *sentence_ends(text), len(text)]
+    pieces = (text[a:b].strip() for a, b in itertools.pairwise(bounds))
+    return [p + "\n" for p in pieces if p]
+
+
+def curriculum_feature(prompt_ids: Sequence[int], steps: Sequence[Sequence[int]], response_ids: Sequence[int],
+                       stage: int, latents: int, last: bool) -> dict[str, Any]:
+    """One example at curriculum stage k (Hao et al. 2024, Sec. 3): prompt, k·c latent slots, the reasoning steps
+    after the k-th (none at the last stage), the response. The forward puts <bot> before the slots and <eot>
+    after them, so what follows <eot> is the language the model writes, as a decode reads it.
+
+    steps: each reasoning step's token ids; a stage beyond the steps there are has no language reasoning left but
+    still k·c thoughts (the decode always runs the last stage's count). Returns {"input_ids", "labels", "stage"}:
+    labels -100 on the prompt and the slots, the ids on the remaining reasoning and the response."""
+    slots = [LATENT_SLOT] * (stage * latents)
+    tail = ([] if last else [t for s in steps[stage:] for t in s]) + list(response_ids)
+    head = list(prompt_ids) + slots
+    return {"input_ids": head + tail, "labels": [IGNORE_INDEX] * len(head) + tail, "stage": int(stage)}
 
 
 def generated_counts(new_tokens: torch.Tensor, eos_ids: list[int]) -> list[int]:
@@ -345,25 +409,32 @@ class CoconutModel(LatentLM):
     def extra_parameters(self) -> nn.Parameter:
         return self.markers
 
+    @property
+    def n_thoughts(self) -> int:
+        """Thoughts a decode runs: c, or after the curriculum its last stage's K·c (`coconut.stages` · latents)."""
+        return self.config.latents * (self.config.stages if self.config.curriculum else 1)
+
     def latent_steps(self, generated: int) -> int:
-        return self.config.latents
+        return self.n_thoughts
 
     def marker(self, which: int, batch: int) -> torch.Tensor:
         """<bot> (0) or <eot> (1) for every row: (B, 1, H)."""
         return self.markers[which].expand(batch, 1, -1)
 
     def think(self, head: torch.Tensor, tail: torch.Tensor, attention_mask: torch.Tensor | None,
-              position_ids: torch.Tensor, cache: Any, emb_norm: torch.Tensor | None = None
+              position_ids: torch.Tensor, cache: Any, emb_norm: torch.Tensor | None = None, n: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The latent chain over one KV cache, in c + 1 passes (training AND the decode prefill):
         [head] -> ẽ_1 = h(<bot>);  [ẽ_k] -> ẽ_{k+1} = h(ẽ_k) for k < c;  [ẽ_c, tail] -> states of the tail.
 
         head: (B, T0, H) the prompt embeddings then <bot>; tail: (B, L, H) <eot> then (training) the response.
-        attention_mask: (B, T0 + c + L) over all these columns, or None without padding; position_ids: the same
-        columns (B, T0 + c + L). cache: an empty KV cache, filled here.
-        Returns (thoughts ẽ (B, c, H), final-layer states of the tail (B, L, H)).
+        n: c, the thought columns (default `n_thoughts`). attention_mask: (B, T0 + c + L) over all these columns, or
+        None without padding; a row with fewer thoughts (a curriculum batch) has its first thought columns masked,
+        and its chain starts at its first unmasked one. position_ids: the same columns (B, T0 + c + L), each row's
+        own positions. cache: an empty KV cache, filled here.
+        Returns (thoughts ẽ (B, c, H), 0 in masked columns; final-layer states of the tail (B, L, H)).
         """
-        c, T0, L = self.config.latents, head.shape[1], tail.shape[1]
+        c, T0, L = self.n_thoughts if n is None else n, head.shape[1], tail.shape[1]
 
         def mask_to(end: int) -> torch.Tensor | None:
             return None if attention_mask is None else attention_mask[:, :end]
@@ -371,6 +442,9 @@ class CoconutModel(LatentLM):
         if c == 0:
             states = self.run(torch.cat([head, tail], 1), mask_to(T0 + L), position_ids[:, : T0 + L], cache)
             return head.new_zeros(head.shape[0], 0, head.shape[2]), states[:, T0:]
+        real = None if attention_mask is None else attention_mask[:, T0: T0 + c].bool()        # (B, c)
+        if real is not None and bool(real.all()):
+            real = None
         h = self.run(head, mask_to(T0), position_ids[:, :T0], cache)[:, -1]                    # (B, H) h(<bot>)
         thoughts = []
         col = T0
@@ -378,19 +452,25 @@ class CoconutModel(LatentLM):
             e = self.feed_back(h, emb_norm)                                                      # (B, H) ẽ_{k+1}
             thoughts.append(e)
             if k < c - 1:   # the next thought needs this one's output: one position per pass
-                h = self.run(e[:, None], mask_to(col + 1), position_ids[:, col: col + 1], cache)[:, -1]
+                h_next = self.run(e[:, None], mask_to(col + 1), position_ids[:, col: col + 1], cache)[:, -1]
+                # A masked column is no thought of its row (nothing attends to it): the row keeps its last state.
+                h = h_next if real is None else torch.where(real[:, k, None], h_next, h)
                 col += 1
         x = torch.cat([thoughts[-1][:, None], tail], 1)                                          # (B, 1 + L, H)
         states = self.run(x, mask_to(col + 1 + L), position_ids[:, col: col + 1 + L], cache)
-        return torch.stack(thoughts, 1), states[:, 1:]
+        stacked = torch.stack(thoughts, 1)                                                       # (B, c, H)
+        return (stacked if real is None else stacked.masked_fill(~real[..., None], 0)), states[:, 1:]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, response_mask: torch.Tensor | None = None) -> LatentOutput:
         """Teacher-forced training pass: prompt + <bot>, c thoughts, <eot> + response, one KV cache.
 
         input_ids / attention_mask / labels: (B, T), any padding side (labels -100 on the prompt and padding);
-        response_mask: (B, T) response positions (default labels != -100). Returns `LatentOutput`, logits (B, 1+R, V)
-        from <eot> on (logits[:, j] predicts response token j).
+        response_mask: (B, T) response positions (default labels != -100). With the curriculum, each row's thoughts
+        are its latent slots (`curriculum_feature`; 0 without) and its "response" is all it supervises (remaining
+        reasoning + response); rows with fewer thoughts than the batch's most get masked thought columns first.
+        Returns `LatentOutput`, logits (B, 1+R, V) from <eot> on (logits[:, j] predicts response token j);
+        thoughts (B, c, H) with c the batch's most.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -401,15 +481,30 @@ class CoconutModel(LatentLM):
             response_mask = labels != IGNORE_INDEX
         pr = split_prompt_response(input_ids, attention_mask, response_mask, labels)
         B = input_ids.shape[0]
-        c = self.config.latents
-        head = torch.cat([self.embed(pr.prompt_ids), self.marker(0, B)], 1)                    # (B, P + 1, H)
+        prompt_ids, prompt_mask = pr.prompt_ids, pr.prompt_mask
+        if self.config.curriculum:
+            prompt_ids, prompt_mask, per_row = take_latent_slots(prompt_ids, prompt_mask)      # per_row (B,)
+            c = int(per_row.max()) if B else 0
+            if bool((pr.response_ids < 0).any()):
+                raise ValueError("coconut curriculum: a latent slot among the supervised tokens")
+        else:
+            if bool((input_ids == LATENT_SLOT).any()):
+                raise ValueError("latent slots in a batch but coconut.curriculum is off (curriculum features "
+                                 "need a curriculum model)")
+            per_row, c = None, self.config.latents
+        head = torch.cat([self.embed(prompt_ids), self.marker(0, B)], 1)                       # (B, P + 1, H)
         tail = torch.cat([self.marker(1, B), self.embed(pr.response_ids)], 1)                  # (B, 1 + R, H)
-        ones = pr.prompt_mask.new_ones(B, c + 2)                                               # <bot>, ẽ_1..c, <eot>
-        mask = torch.cat([pr.prompt_mask, ones, pr.response_mask], 1)                          # (B, P + c + 2 + R)
-        positions = position_ids_from_mask(mask)
+        ones = prompt_mask.new_ones(B, 1)
+        cols = torch.arange(c, device=prompt_mask.device)[None]                                # (1, c)
+        # a row's thoughts end at <eot>: one with n < c thoughts has its first c - n thought columns masked
+        block = ones.expand(B, c) if per_row is None else (cols >= (c - per_row)[:, None]).long()
+        mask = torch.cat([prompt_mask, ones, block, ones, pr.response_mask], 1)                # (B, P + c + 2 + R)
+        gaps = not bool(block.all())
+        # interior masked columns must not advance a row's positions (position_ids_from_mask only skips leading ones)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) if gaps else position_ids_from_mask(mask)
         emb_norm = self.embedding_norm() if self.config.rescale else None
         thoughts, states = self.think(head, tail, None if bool(mask.all()) else mask, positions,
-                                      new_cache(self.generator), emb_norm)
+                                      new_cache(self.generator), emb_norm, n=c)
         logits = self.logits(states)                                                           # (B, 1 + R, V)
         # aligned with the tail's inputs [<eot>, y_1..y_R]: the <eot> logits predict y_1
         targets = torch.cat([pr.targets.new_full((B, 1), IGNORE_INDEX), pr.targets], 1)
@@ -418,19 +513,20 @@ class CoconutModel(LatentLM):
         return LatentOutput(loss=loss, logits=logits, loss_sum=loss_sum, n_tokens=n_tokens, thoughts=thoughts)
 
     def decoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: DecodeConfig) -> CoconutStepper:
-        self._check_context(input_ids, attention_mask, self.config.latents + 2, cfg)
+        self._check_context(input_ids, attention_mask, self.n_thoughts + 2, cfg)
         return CoconutStepper(self, input_ids, attention_mask, cfg)
 
 
 class CoconutStepper:
     """One Coconut decode (left-padded batch, one KV cache): prefill runs prompt + <bot>, the c thoughts and <eot>
-    (`CoconutModel.think`, the training function) and returns the first response logits; then one token per step."""
+    (`CoconutModel.think`, the training function; c = `n_thoughts`, K·c after a curriculum) and returns the first
+    response logits; then one token per step."""
 
     def __init__(self, model: CoconutModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cfg: DecodeConfig):
         self.model = model
         self.device = device_of(model.generator)
-        self.extra = model.config.latents + 2                           # <bot>, ẽ_1..c, <eot> take positions too
+        self.extra = model.n_thoughts + 2                               # <bot>, ẽ_1..c, <eot> take positions too
         self.state = PromptState(input_ids, attention_mask, cfg.max_new_tokens + self.extra, self.device)
         self.cache: Any = None
 
@@ -490,6 +586,31 @@ class Coconut(Method):
     def load(self, path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
         return CoconutModel.from_pretrained(path, dtype=dtype)
 
+    def features(self, examples: Sequence[Example], tokenizer: Any, data: DataConfig, args: ModelArgs | None = None,
+                 data_path: str | Path | None = None, store: Any = None) -> list[dict[str, Any]]:
+        """Without the curriculum: prompt + response ids, as every method (`Method.features`). With it: every
+        stage k = 0..K of every example (`curriculum_feature`), stage by stage, each carrying its "stage" (the
+        trainer takes lower stages first in every epoch). The reasoning is the teacher's text (`coconut.teacher`),
+        cached next to `data_path` (or at `teacher.cache`) like CoT's, and split into sentences, each a step."""
+        cfg = self.settings(args) if args is not None else CoconutConfig()
+        if not cfg.curriculum:
+            return super().features(examples, tokenizer, data, args, data_path)
+        from ..data.collate import encode_example
+        from .teachers import cache_path, make_teacher, teacher_inputs, teacher_texts
 
-__all__ = ["Coconut", "CoconutConfig", "CoconutModel", "CoconutStepper", "LatentLM", "LatentOutput",
-           "PromptResponse", "generated_counts", "split_prompt_response"]
+        teacher = make_teacher(cfg.teacher, generator=getattr(args, "generator", None) or "default")
+        texts = teacher_texts(teacher, teacher_inputs(examples, tokenizer, data, store=store),
+                              cache_path(cfg.teacher, data_path))
+        rows = []
+        for ex, text in zip(examples, texts, strict=True):
+            enc = encode_example(ex, tokenizer, data, with_response=True, store=store)
+            # each step tokenized on its own, so dropping the first k is a cut between token ids
+            steps = [ids for s in reasoning_steps(text) if (ids := list(tokenizer.encode(s, add_special_tokens=False)))]
+            rows.append((enc["prompt_ids"], steps, enc["response_ids"]))
+        return [curriculum_feature(p, steps, r, k, cfg.latents, last=k == cfg.stages)
+                for k in range(cfg.stages + 1) for p, steps, r in rows]
+
+
+__all__ = ["LATENT_SLOT", "Coconut", "CoconutConfig", "CoconutModel", "CoconutStepper", "LatentLM", "LatentOutput",
+           "PromptResponse", "curriculum_feature", "generated_counts", "reasoning_steps", "split_prompt_response",
+           "take_latent_slots"]
