@@ -20,6 +20,10 @@ def _determinism():
 def pytest_configure(config):
     # Tests run many tiny models; one intra-op thread avoids oversubscription with the CI's 2 cores.
     torch.set_num_threads(int(os.environ.get("FLYTHINKER_TEST_THREADS", "1")))
+    # fp32 everywhere by default: the exactness tests (decode == forward, resume, backends) compare bit for bit, and
+    # "auto" would pick bf16 on a bf16-capable CPU or GPU. Tests of the bf16 path set it to 1 with monkeypatch.
+    # Subprocesses (integration tests) inherit it.
+    os.environ["FLYTHINKER_NATIVE_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .default_model import DEFAULT_NUM_LAYERS, DEFAULT_REASONER_LAYERS, load_default_generator, load_default_tokenizer
 from .hf import embedding_rows
-from .utils import UserError
+from .utils import UserError, resolve_dtype
 
 
 def _ensure_pad(tok: Any) -> Any:
@@ -118,8 +118,21 @@ def _parse_reasoner(reasoner: str | int | None) -> tuple[str, Any]:
     return "model", s
 
 
+def load_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype to load training weights in from a `model.dtype` value: "auto" is float32 on every device (fp32
+    master weights; bf16 compute comes from train.precision's autocast), the other names as named."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32
+    try:
+        return resolve_dtype(dtype, field="model.dtype")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_models(generator: str | None = None, reasoner: str | int | None = None,
-                dtype: torch.dtype = torch.float32):
+                dtype: str | torch.dtype = torch.float32):
     """Resolve `--generator` / `--reasoner` to (generator, reasoner or None, tokenizer).
 
     generator: None / "default" = the embedded SmolLM2-135M-Instruct; otherwise a local directory or a hub id
@@ -128,8 +141,10 @@ def load_models(generator: str | None = None, reasoner: str | int | None = None,
         a separate model embedding the same token ids (checked here); "none" = no Reasoner (the SFT baseline);
         None / "default" = the first DEFAULT_REASONER_LAYERS layers for the default Generator, and the same depth
         fraction (8/30, rounded, >= 1) of any other Generator.
+    dtype: the weights' dtype, a torch dtype or a `model.dtype` name (`load_dtype`: "auto" = float32).
     Raises UserError (one line) for anything the user can fix.
     """
+    dtype = load_dtype(dtype)
     kind, value = _parse_reasoner(reasoner)
     if _is_default(generator):
         gen = load_default_generator(dtype)
@@ -218,5 +233,5 @@ def truncated_reasoner(generator: nn.Module, num_layers: int) -> nn.Module:
     return reasoner
 
 
-__all__ = ["check_vocabularies", "default_reasoner_layers", "load_default_models", "load_models", "load_tokenizer",
-           "truncated_reasoner"]
+__all__ = ["check_vocabularies", "default_reasoner_layers", "load_default_models", "load_dtype", "load_models",
+           "load_tokenizer", "truncated_reasoner"]

@@ -20,8 +20,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--config", help="YAML with the settings below (flags override it)")
     add_dataclass_args(d, DecodeBenchConfig)
     d.set_defaults(func=_decode, config_cls=DecodeBenchConfig)
-    t = sub.add_parser("train", help="seconds per training step: SFT vs FlyThinker",
-                       description="Seconds per optimizer step of SFT and FlyThinker on the same batch.")
+    t = sub.add_parser("train", help="seconds per training step: SFT vs FlyThinker, fp32 vs bf16",
+                       description="Seconds per optimizer step of SFT and FlyThinker on the same batch, at each "
+                                   "--precision (fp32; bf16 autocast with fp32 master weights).")
     t.add_argument("--config", help="YAML with the settings below (flags override it)")
     add_dataclass_args(t, TrainBenchConfig)
     t.set_defaults(func=_train, config_cls=TrainBenchConfig)
@@ -55,14 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int) -> int:
+def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int, precision: list[str] | None = None) -> int:
     from ..experiments.bench_methods import plot, print_table, run_methods_bench
     from ..utils import set_threads
     from .main import print_json_line
 
     threads = set_threads(cfg.threads or None)
     res = run_methods_bench(cfg.methods, cfg.model, what, runs=runs, n_examples=examples, new_tokens=new_tokens,
-                            threads=threads)
+                            threads=threads, precision=precision or ["fp32"])
     print_table(res)
     if cfg.plot:
         res["plot"] = plot(res, cfg.plot)
@@ -71,18 +72,23 @@ def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..experiments.bench_train import run
+    from ..experiments.bench_train import default_precisions, run
     from ..utils import set_threads
     from .main import print_json_line
 
     cfg = build_config(args.config_cls, args, args.config)
+    precisions = list(cfg.precision) or default_precisions("cpu")
     if cfg.methods:
-        return _methods(cfg, "train", runs=cfg.steps, examples=cfg.examples, new_tokens=32)
+        return _methods(cfg, "train", runs=cfg.steps, examples=cfg.examples, new_tokens=32, precision=precisions)
     threads = set_threads(cfg.threads or None)
-    res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads)
-    print(f"{'method':<12}{'s/step':>10}")
-    print(f"{'sft':<12}{res['sft_s_per_step']:>10.3f}")
-    print(f"{'flythinker':<12}{res['flythinker_s_per_step']:>10.3f}")
-    print(f"ratio {res['ratio_flythinker_over_sft']:.3f} (flop ratio {res['flop_ratio']:.3f})")
+    res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads, precisions)
+    print(f"{'precision':<11}{'method':<12}{'s/step':>10}{'loss':>10}")
+    for p, r in res["by_precision"].items():
+        for name in ("sft", "flythinker"):
+            print(f"{p:<11}{name:<12}{r[f'{name}_s_per_step']:>10.3f}{r[f'{name}_loss']:>10.4f}")
+    for p, r in res["by_precision"].items():
+        print(f"{p}: ratio flythinker/sft {r['ratio_flythinker_over_sft']:.3f} (flop ratio {res['flop_ratio']:.3f})")
+    if "bf16_over_fp32" in res:
+        print("bf16/fp32 s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in res["bf16_over_fp32"].items()))
     print_json_line(res)
     return 0

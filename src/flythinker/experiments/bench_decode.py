@@ -1,11 +1,13 @@
 """`flythinker bench decode`: prefill time and ms per new token of SFT (the Generator alone), FlyThinker sequential
 and FlyThinker concurrent, compared per device (each model gets the same compute, the paper's setting: here the same
-number of cores per model) and on the same machine (each method in its fastest configuration using all cores).
-Prints a table; the CLI ends with one JSON line.
+number of cores per model) and on the same machine (each method in its fastest configuration using all cores), at
+each weights dtype (float32, and bfloat16 where the hardware computes it natively; every configuration of every
+dtype is timed interleaved). Prints a table; the CLI ends with one JSON line.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass, field
@@ -13,9 +15,15 @@ from typing import Any, Literal
 
 import torch
 
-from ..utils import UserError
+from ..utils import UserError, native_bf16, resolve_dtype
 
 MODELS = ("medium", "tiny", "default")
+
+
+def default_dtypes(device: torch.device | str) -> list[str]:
+    """float32, plus bfloat16 where `device` computes bf16 natively (`utils.native_bf16`): both sides of the choice
+    `--dtype auto` makes there."""
+    return ["float32", "bfloat16"] if native_bf16(device) else ["float32"]
 
 
 @dataclass
@@ -40,6 +48,9 @@ class DecodeBenchConfig:
     """λ of the FlyThinker model."""
     device: str = ""
     """cpu or cuda (empty: cuda when available)."""
+    dtype: list[Literal["float32", "bfloat16", "float16"]] = field(default_factory=list)
+    """Weights dtypes to time, interleaved (comma-separated). Empty: float32, plus bfloat16 where the device
+    computes it natively (`flythinker.utils.native_bf16`)."""
     methods: list[str] = field(default_factory=list)
     """Registered methods to compare instead (e.g. sft,flythinker,cot,coconut,interleaved): ms per response token
     and seconds for a fixed response, ratios to SFT beside Table 8's prediction, memory (bench_methods.py)."""
@@ -55,6 +66,9 @@ class DecodeBenchConfig:
             raise UserError("--threads must be >= 1 (0 = all cores)")
         if not self.batch or min(self.batch) < 1:
             raise UserError(f"--batch must be positive integers; got {self.batch}")
+        if len(set(self.dtype)) != len(self.dtype) or any(d not in ("float32", "bfloat16", "float16")
+                                                          for d in self.dtype):
+            raise UserError(f"--dtype must list float32, bfloat16 and/or float16, each once; got {self.dtype}")
 
 
 def _load(name: str):
@@ -72,6 +86,7 @@ def _load(name: str):
 
 @dataclass
 class Row:
+    dtype: str               # weights dtype: float32 | bfloat16 | float16
     batch: int
     method: str              # sft | sequential | concurrent
     threads: str             # "2" (one pool), "1+1" (Generator + Reasoner pools), "gpu"
@@ -80,7 +95,8 @@ class Row:
     decode_ms: float         # per decode step = per new token of each row
 
     def as_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "method": self.method, "threads": self.threads, "backend": self.backend,
+        return {"dtype": self.dtype, "batch": self.batch, "method": self.method, "threads": self.threads,
+                "backend": self.backend,
                 "prefill_ms": round(self.prefill_ms, 3), "decode_ms": round(self.decode_ms, 3),
                 "tokens_per_s": round(1000.0 * self.batch / self.decode_ms, 2)}
 
@@ -108,11 +124,15 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     generator, reasoner, tokenizer = _load(args.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    generator.to(device=device, dtype=dtype)
-    reasoner.to(device=device, dtype=dtype)
-    fly = FlyThinker(generator, reasoner, FlyThinkerConfig(lam=args.lam)).eval()
-    sft = FlyThinker(generator, None).eval()
+    dtypes = list(args.dtype) or default_dtypes(device)
+    # One copy of the models per dtype (the last one casts the loaded models themselves).
+    variants: dict[str, tuple[Any, Any, Any, Any]] = {}
+    for i, name in enumerate(dtypes):
+        last = i == len(dtypes) - 1
+        g = (generator if last else copy.deepcopy(generator)).to(device=device, dtype=resolve_dtype(name))
+        r = (reasoner if last else copy.deepcopy(reasoner)).to(device=device, dtype=resolve_dtype(name))
+        variants[name] = (g, r, FlyThinker(g, r, FlyThinkerConfig(lam=args.lam)).eval(), FlyThinker(g, None).eval())
+    fly = variants[dtypes[0]][2]
     limit = getattr(generator.config, "max_position_embeddings", None)
     if limit is not None and args.prompt_tokens + args.new_tokens > limit:
         raise UserError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
@@ -122,30 +142,30 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     c_g, c_r = per_token_macs(fly, context)
     flop_ratio = (c_g + c_r) / c_g
 
-    # (comparison, method, model, backend, label, main threads, (G, R) threads); each distinct one measured once.
-    plans: list[tuple[str, str, Any, str, str, int | None, tuple[int, int] | None]] = []
-    if device.type == "cpu":
-        # per device: k cores per model. Same machine: n cores, FlyThinker concurrent tries a few G+R splits.
-        splits = sorted({(n - r, r) for r in (1, round(n * c_r / (c_g + c_r)), n // 2) if 1 <= r < n})
-        plans += [("per-device", "sft", sft, "sequential", str(k), k, None),
-                  ("per-device", "sequential", fly, "sequential", str(k), k, None),
-                  ("per-device", "concurrent", fly, "threads", f"{k}+{k}", k, (k, k)),
-                  ("same-machine", "sft", sft, "sequential", str(n), n, None),
-                  ("same-machine", "sequential", fly, "sequential", str(n), n, None)]
-        plans += [("same-machine", "concurrent", fly, "threads", f"{a}+{b}", n, (a, b)) for a, b in splits]
-    else:
-        plans += [("same-machine", "sft", sft, "sequential", "1gpu", None, None),
-                  ("same-machine", "sequential", fly, "sequential", "1gpu", None, None),
-                  ("same-machine", "concurrent", fly, "cuda_streams", "1gpu", None, None)]
-        if torch.cuda.device_count() >= 2:  # the paper's setting: the Reasoner on its own GPU
-            import copy
-
-            other = torch.device("cuda", (device.index or 0) + 1 if (device.index or 0) + 1 < torch.cuda.device_count()
-                                 else 0)
-            fly2 = FlyThinker(generator, copy.deepcopy(reasoner).to(other), FlyThinkerConfig(lam=args.lam)).eval()
-            plans += [("per-device", "sft", sft, "sequential", "1gpu", None, None),
-                      ("per-device", "sequential", fly, "sequential", "1gpu", None, None),
-                      ("per-device", "concurrent", fly2, "two_devices", "2gpu", None, None)]
+    # (dtype, comparison, method, model, backend, label, main threads, (G, R) threads); each distinct one measured
+    # once.
+    plans: list[tuple[str, str, str, Any, str, str, int | None, tuple[int, int] | None]] = []
+    for dt, (g, r, fly_dt, sft) in variants.items():
+        if device.type == "cpu":
+            # per device: k cores per model. Same machine: n cores, FlyThinker concurrent tries a few G+R splits.
+            splits = sorted({(n - x, x) for x in (1, round(n * c_r / (c_g + c_r)), n // 2) if 1 <= x < n})
+            plans += [(dt, "per-device", "sft", sft, "sequential", str(k), k, None),
+                      (dt, "per-device", "sequential", fly_dt, "sequential", str(k), k, None),
+                      (dt, "per-device", "concurrent", fly_dt, "threads", f"{k}+{k}", k, (k, k)),
+                      (dt, "same-machine", "sft", sft, "sequential", str(n), n, None),
+                      (dt, "same-machine", "sequential", fly_dt, "sequential", str(n), n, None)]
+            plans += [(dt, "same-machine", "concurrent", fly_dt, "threads", f"{a}+{b}", n, (a, b)) for a, b in splits]
+        else:
+            plans += [(dt, "same-machine", "sft", sft, "sequential", "1gpu", None, None),
+                      (dt, "same-machine", "sequential", fly_dt, "sequential", "1gpu", None, None),
+                      (dt, "same-machine", "concurrent", fly_dt, "cuda_streams", "1gpu", None, None)]
+            if torch.cuda.device_count() >= 2:  # the paper's setting: the Reasoner on its own GPU
+                other = torch.device("cuda", (device.index or 0) + 1
+                                     if (device.index or 0) + 1 < torch.cuda.device_count() else 0)
+                fly2 = FlyThinker(g, copy.deepcopy(r).to(other), FlyThinkerConfig(lam=args.lam)).eval()
+                plans += [(dt, "per-device", "sft", sft, "sequential", "1gpu", None, None),
+                          (dt, "per-device", "sequential", fly_dt, "sequential", "1gpu", None, None),
+                          (dt, "per-device", "concurrent", fly2, "two_devices", "2gpu", None, None)]
 
     gen = torch.Generator().manual_seed(0)
     measured: dict[tuple, Row] = {}
@@ -153,10 +173,10 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     for batch in args.batch:
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
         keys, configs = [], []
-        for comparison, method, model, backend, label, main_threads, split in plans:
+        for dt, comparison, method, model, backend, label, main_threads, split in plans:
             # A same-machine split equal to the per-device one is the same decode: measured once (its prefill,
             # which cannot overlap R and G anyway, then runs with the per-device thread count).
-            key = (batch, method, label, backend)
+            key = (dt, batch, method, label, backend)
             table.append((comparison, key))
             if key not in keys:
                 keys.append(key)
@@ -164,55 +184,67 @@ def run_decode(args: DecodeBenchConfig) -> dict:
         print(f"bench decode: batch {batch}, {len(configs)} configurations x {args.runs} runs ...", file=sys.stderr,
               flush=True)
         for key, (pre, dec) in zip(keys, time_configs(configs, ids, args.new_tokens, args.runs)):
-            measured[key] = Row(*key[:4], pre, dec)
+            measured[key] = Row(*key, pre, dec)
     table = [(c, measured[key]) for c, key in table]
 
-    def pick(batch: int, comparison: str, method: str) -> Row | None:
-        rows = [r for c, r in table if c == comparison and r.batch == batch and r.method == method]
+    def pick(batch: int, comparison: str, method: str, dt: str) -> Row | None:
+        rows = [r for c, r in table if c == comparison and r.batch == batch and r.method == method and r.dtype == dt]
         return min(rows, key=lambda r: r.decode_ms) if rows else None
 
-    summaries = {}
-    for batch in args.batch:
-        s_dev, q_dev, c_dev = (pick(batch, "per-device", m) for m in ("sft", "sequential", "concurrent"))
-        s_all = pick(batch, "same-machine", "sft")
-        fly_rows = [r for r in (pick(batch, "same-machine", "sequential"), pick(batch, "same-machine", "concurrent"))
-                    if r is not None]
+    by_dtype: dict[str, dict[int, dict[str, Any]]] = {dt: {} for dt in dtypes}
+    for dt, batch in ((dt, batch) for dt in dtypes for batch in args.batch):
+        s_dev, q_dev, c_dev = (pick(batch, "per-device", m, dt) for m in ("sft", "sequential", "concurrent"))
+        s_all = pick(batch, "same-machine", "sft", dt)
+        fly_rows = [r for r in (pick(batch, "same-machine", "sequential", dt),
+                                pick(batch, "same-machine", "concurrent", dt)) if r is not None]
         best = min(fly_rows, key=lambda r: r.decode_ms)
-        summaries[batch] = {
+        by_dtype[dt][batch] = {
             "sft_ms": _ms(s_dev), "sequential_ms": _ms(q_dev), "concurrent_ms": _ms(c_dev),
             "ratio_concurrent_over_sft": _ratio(c_dev, s_dev), "ratio_sequential_over_sft": _ratio(q_dev, s_dev),
             "sft_best_ms": _ms(s_all), "best_ms": _ms(best), "best": f"{best.method}@{best.threads}",
             "ratio_best_over_sft_best": _ratio(best, s_all),
         }
+    summaries = by_dtype[dtypes[0]]
 
     auto = resolve_backend(fly, "auto", num_threads=n)
     head = (f"flythinker bench decode: model={args.model} (Generator {_params(generator) / 1e6:.1f}M params, "
-            f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={str(dtype).replace('torch.', '')} "
-            f"prompt={args.prompt_tokens} new={args.new_tokens} runs={args.runs} cores={n}")
+            f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={','.join(dtypes)} "
+            f"(native bf16: {native_bf16(device)}) prompt={args.prompt_tokens} new={args.new_tokens} "
+            f"runs={args.runs} cores={n}")
     print(head)
     print(f"per-token multiply-adds at context {context}: C_G={c_g / 1e6:.1f}M C_R={c_r / 1e6:.1f}M "
           f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}; auto backend with {n} threads: {auto}")
     if load_before is not None and load_before > 0.5:
         print(f"warning: load average was {load_before:.2f} before the benchmark; timings may be contended")
-    print(f"{'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "
+    print(f"{'dtype':<9} {'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "
           f"{'ms/token':>9}  {'tokens/s':>9}")
     for comparison, r in table:
-        print(f"{r.batch:>5}  {comparison:<12} {r.method:<11} {r.threads:>7}  {r.prefill_ms:>10.1f}  "
+        print(f"{r.dtype:<9} {r.batch:>5}  {comparison:<12} {r.method:<11} {r.threads:>7}  {r.prefill_ms:>10.1f}  "
               f"{r.decode_ms:>9.2f}  {1000 * r.batch / r.decode_ms:>9.1f}")
-    for batch, s in summaries.items():
-        print(f"batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} (target <= 1.05), "
-              f"sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best ({s['best']})/best SFT = "
-              f"{_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = {1.05 * flop_ratio:.3f})")
-
+    for dt in dtypes:
+        for batch, s in by_dtype[dt].items():
+            print(f"{dt} batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} (target "
+                  f"<= 1.05), sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best "
+                  f"({s['best']})/best SFT = {_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = "
+                  f"{1.05 * flop_ratio:.3f})")
     first = 1 if 1 in args.batch else args.batch[0]
+    # Per method, the faster configuration of each dtype on the whole machine: bf16 ms/token over fp32's.
+    low = {m: _ratio(pick(first, "same-machine", m, "bfloat16"), pick(first, "same-machine", m, "float32"))
+           for m in ("sft", "sequential", "concurrent")} if {"float32", "bfloat16"} <= set(dtypes) else None
+    if low is not None:
+        print(f"batch {first}: bf16/fp32 ms per token (same machine): "
+              + ", ".join(f"{m} {_fmt(v)}" for m, v in low.items()))
+
     result = dict(summaries[first])
     result.update({
         "batch": first, "threads": n, "per_model_threads": k if device.type == "cpu" else None,
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "model": args.model,
+        "device": str(device), "dtype": dtypes[0], "dtypes": dtypes, "native_bf16": native_bf16(device),
+        "bf16_over_fp32": low, "model": args.model,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
         "flop_ratio": round(flop_ratio, 4), "macs_generator": c_g, "macs_reasoner": c_r,
         "params_generator": _params(generator), "params_reasoner": _params(reasoner), "auto_backend": auto,
         "load_before": load_before, "by_batch": {str(b): s for b, s in summaries.items()},
+        "by_dtype": {dt: {str(b): s for b, s in v.items()} for dt, v in by_dtype.items()},
         "rows": [dict(r.as_dict(), comparison=c) for c, r in table],
     })
     return result

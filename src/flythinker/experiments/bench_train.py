@@ -1,12 +1,16 @@
-"""`flythinker bench train`: seconds per optimizer step of SFT (Generator alone) vs FlyThinker (R + G), same batch.
+"""`flythinker bench train`: seconds per optimizer step of SFT (Generator alone) vs FlyThinker (R + G), same batch,
+at each training precision (fp32, and bf16 autocast with fp32 master weights and optimizer state: what
+`train.precision` bf16 / auto-on-native-hardware runs).
 
 The paper's training-cost claim (Section 4.3) is that FlyThinker costs about SFT plus one Reasoner forward/backward.
-This measures both on identical input (warm-up first, then the median of several timed steps) and reports the
-ratio next to the per-token FLOP ratio (C_G + C_R) / C_G (`flythinker.flops`, the one counter).
+This measures both on identical input (warm-up first, then the median of several timed steps; every (precision,
+method) configuration is timed round-robin, so background load hits all alike) and reports the ratio next to the
+per-token FLOP ratio (C_G + C_R) / C_G (`flythinker.flops`, the one counter), and per method the bf16 / fp32 ratio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,25 +18,68 @@ from typing import Literal
 
 import torch
 
-from ..utils import UserError
+from ..utils import UserError, native_bf16
+
+PRECISIONS = ("fp32", "bf16")
 
 
-def time_train_steps(model, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> list[float]:
-    """Seconds per optimizer step (forward + backward + AdamW) on a fixed batch."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+def default_precisions(device: torch.device | str = "cpu") -> list[str]:
+    """fp32, plus bf16 where `device` computes bf16 natively (`utils.native_bf16`): both sides of the choice
+    train.precision auto makes there."""
+    return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+
+
+def precision_autocast(precision: str, device_type: str):
+    """bf16: autocast around the forward (weights, gradients and optimizer state stay fp32), as accelerate's
+    mixed_precision="bf16" does in `fit`; fp32: nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer, precision: str = "fp32") -> float:
+    """One optimizer step (forward under `precision`, backward, AdamW); returns the loss."""
+    with precision_autocast(precision, batch["input_ids"].device.type):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return float(out.loss.detach())
+
+
+def time_train_steps(model, batch: dict[str, torch.Tensor], steps: int, warmup: int,
+                     precision: str = "fp32") -> list[float]:
+    """Seconds per optimizer step (forward + backward + AdamW) on a fixed batch."""
+    return time_train_configs([(model, precision)], batch, steps, warmup)[0]
+
+
+def time_train_configs(configs: list[tuple[torch.nn.Module, str]], batch: dict[str, torch.Tensor], steps: int,
+                       warmup: int) -> list[list[float]]:
+    """Seconds per optimizer step of each (model, precision), timed round-robin (step i of every configuration,
+    then step i + 1, ...). Models that are the same object share one AdamW (its state is fp32 at any precision)."""
+    opts: dict[int, torch.optim.Optimizer] = {}
+    for model, _ in configs:
+        if id(model) not in opts:
+            opts[id(model)] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        model.train()
+    times: list[list[float]] = [[] for _ in configs]
+    for i in range(warmup + steps):
+        for k, (model, precision) in enumerate(configs):
+            t0 = time.perf_counter()
+            train_step(model, batch, opts[id(model)], precision)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
     return times
+
+
+@torch.no_grad()
+def _loss(model, batch: dict[str, torch.Tensor], precision: str) -> float:
+    """The batch's loss under `precision` (no update): how far bf16 autocast moves it from fp32."""
+    with precision_autocast(precision, batch["input_ids"].device.type):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return float(out.loss)
 
 
 def _models(kind: str):
@@ -52,10 +99,14 @@ def _models(kind: str):
     raise ValueError(f"unknown --model {kind!r}; valid: tiny, medium, default")
 
 
-def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
+def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, threads: int,
+        precisions: list[str] | None = None) -> dict:
+    """Time SFT and FlyThinker at each precision (None: `default_precisions`). The top-level figures are the first
+    precision's; `by_precision` holds every precision's, `bf16_over_fp32` the per-method ratio when both ran."""
     from ..methods.flythinker.decode import per_token_macs
     from ..methods.flythinker.model import FlyThinker
 
+    precisions = list(precisions or default_precisions("cpu"))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     gen, rea = _models(model_kind)
@@ -64,15 +115,27 @@ def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, 
     labels = ids.clone()
     labels[:, : tokens // 2] = -100  # half prompt, half response, like a profile+query -> response example
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    rows = {}
     fly = FlyThinker(gen, rea)
-    for name, model in (("sft", FlyThinker(gen, None)), ("flythinker", fly)):
-        rows[name] = statistics.median(time_train_steps(model, batch, steps, warmup))
+    models = {"sft": FlyThinker(gen, None), "flythinker": fly}
+    # Losses before any update, on the same weights: the bf16 forward's distance from the fp32 one.
+    losses = {(p, name): _loss(m, batch, p) for p in precisions for name, m in models.items()}
+    configs = [(p, name) for p in precisions for name in models]
+    timed = time_train_configs([(models[name], p) for p, name in configs], batch, steps, warmup)
+    s = {key: statistics.median(t) for key, t in zip(configs, timed)}
+    by_precision = {p: {"sft_s_per_step": s[p, "sft"], "flythinker_s_per_step": s[p, "flythinker"],
+                        "ratio_flythinker_over_sft": s[p, "flythinker"] / s[p, "sft"],
+                        "sft_loss": losses[p, "sft"], "flythinker_loss": losses[p, "flythinker"]}
+                    for p in precisions}
     c_g, c_r = per_token_macs(fly)
-    return {"model": model_kind, "tokens": tokens, "batch": batch_size, "threads": threads,
-            "sft_s_per_step": rows["sft"], "flythinker_s_per_step": rows["flythinker"],
-            "ratio_flythinker_over_sft": rows["flythinker"] / rows["sft"], "flop_ratio": (c_g + c_r) / c_g,
-            "device": "cpu"}
+    first = by_precision[precisions[0]]
+    res = {"model": model_kind, "tokens": tokens, "batch": batch_size, "threads": threads,
+           "sft_s_per_step": first["sft_s_per_step"], "flythinker_s_per_step": first["flythinker_s_per_step"],
+           "ratio_flythinker_over_sft": first["ratio_flythinker_over_sft"], "flop_ratio": (c_g + c_r) / c_g,
+           "precision": precisions[0], "precisions": precisions, "by_precision": by_precision,
+           "weights_dtype": "float32", "native_bf16": native_bf16("cpu"), "device": "cpu"}
+    if "fp32" in precisions and "bf16" in precisions:
+        res["bf16_over_fp32"] = {name: s["bf16", name] / s["fp32", name] for name in models}
+    return res
 
 
 @dataclass
@@ -89,6 +152,9 @@ class TrainBenchConfig:
     warmup: int = 1
     threads: int = 0
     """torch threads (0 = all cores)."""
+    precision: list[Literal["fp32", "bf16"]] = field(default_factory=list)
+    """Training precisions to time, interleaved (comma-separated): fp32, bf16 (autocast; weights and AdamW state
+    stay fp32). Empty: fp32, plus bf16 where this CPU computes it natively (`flythinker.utils.native_bf16`)."""
     methods: list[str] = field(default_factory=list)
     """Registered methods to compare instead (e.g. sft,flythinker,cot,coconut,interleaved): seconds per step and
     per epoch of a fixed dataset (`examples`), ratios to SFT, memory (bench_methods.py)."""
@@ -100,3 +166,8 @@ class TrainBenchConfig:
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.batch < 1 or self.steps < 1 or self.warmup < 0 or self.threads < 0:
             raise UserError("bench train: --tokens >= 2, --batch >= 1, --steps >= 1, --warmup >= 0, --threads >= 0")
+        bad = [x for x in self.precision if x not in PRECISIONS]
+        if bad:
+            raise UserError(f"bench train: --precision must be fp32 and/or bf16; got {','.join(map(str, bad))}")
+        if len(set(self.precision)) != len(self.precision):
+            raise UserError(f"bench train: --precision lists a precision twice: {','.join(self.precision)}")

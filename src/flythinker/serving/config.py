@@ -12,8 +12,7 @@ from ..config import ConfigError
 from ..data.config import DataConfig
 from ..decoding.sampling import DecodeConfig
 from ..methods.base import ModelArgs
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from ..utils import DTYPES
 
 
 @dataclass
@@ -69,7 +68,8 @@ class ServeConfig:
     """Model name in /health, /v1/models and OpenAI responses. Empty: the checkpoint's folder name, or
     "<method>-untrained"."""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16 or float16."""
+    """Weights dtype of the served model: auto (bf16 where the hardware computes it natively: a CUDA GPU with bf16,
+    a CPU with AVX512-BF16 or AMX; else fp32), float32, bfloat16 or float16."""
     batch_wait_ms: float = 5.0
     """How long an idle generation worker waits after a request arrives for others to share its prefill."""
     batching: Literal["continuous", "wave"] = "continuous"

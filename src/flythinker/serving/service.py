@@ -136,16 +136,13 @@ def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
             raise UserError(f"--checkpoint {ckpt}: not a FlyThinker checkpoint (no flythinker.json)")
         model, tok = load_checkpoint(ckpt, cfg.dtype)
         return model, tok, ckpt.resolve().name
-    import torch
-
     from ..methods import get_method
-    from ..utils import autocast_dtype, default_device
+    from ..utils import default_device, resolve_dtype
 
+    # Built like a training run's fresh model (cfg.model.dtype, fp32 by default), then cast to the serving dtype.
     model, tok = get_method(cfg.model.method).build(cfg.model)
     device = default_device()
-    dtype = {"auto": autocast_dtype(device), "float32": None, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[cfg.dtype]
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model = model.to(device=device, dtype=resolve_dtype(cfg.dtype, device, field="dtype"))
     log.warning("serving an untrained %s model (pass --checkpoint DIR for a trained one)", cfg.model.method)
     return model.eval(), tok, f"{cfg.model.method}-untrained"
 
