@@ -18,20 +18,28 @@ Determinism: batches are fixed chunks of the full example list (chunk k = exampl
 re-runs only the missing examples of each chunk, and the caller seeds chunk k with `seed + k`, so greedy decoding
 gives the same file whether or not the run was interrupted; with sampling only the one chunk cut by the kill can
 differ. `generate_predictions` takes any `predict_batch_fn`, so it is model-independent (and tested that way).
+
+Data-parallel generation (`accelerate launch --num_processes N ... generate`): process r takes the chunks k with
+k % N == r (`shard_examples`: whole chunks, so every batch, its padding and its chunk seed are the single-process
+run's) and writes them to its own resumable file `<out>.shard-<r>-of-<N>.jsonl` (`shard_path`); when all are done
+the main process merges them with what --out already holds into --out in input order, atomically, and removes the
+shards (`merge_shards`). The merged file is byte for byte the file one process writes.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
+import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .safeio import check_json_text, check_output_file, decode_line, exclusive_lock
+from .safeio import atomic_write_text, check_json_text, check_output_file, decode_line, exclusive_lock
 from .utils import UserError
 
 # A batch of examples -> one prediction per example: its text, or {"text": str, "extra": {...}} with side outputs
@@ -352,7 +360,7 @@ def _truncate(path: Path, size: int) -> None:
 
 def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatchFn, out_path: str | Path,
                          batch_size: int = 8, method: str | None = None, progress: bool = True,
-                         run: dict[str, Any] | None = None) -> GenerateStats:
+                         run: dict[str, Any] | None = None, skip: Collection[str] = ()) -> GenerateStats:
     """Predict every example not yet in `out_path` and append one JSON line each, flushed per batch.
 
     examples: objects or dicts with id, user_id, output (the reference) and optionally input.
@@ -360,6 +368,8 @@ def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatch
     method: stored in every line (the name `flythinker evaluate` reports); must match a resumed file's.
     run: fingerprints of what produced the predictions (JSON-able dict), stored in every line; a resumed file's
         lines must carry the same (see the module doc). None: not recorded and not checked.
+    skip: ids already written elsewhere (the merged file of a data-parallel run, see `shard_path`): neither
+        predicted nor written here, counted as skipped.
     Re-running after a kill (or a crash inside predict_batch_fn) skips what was written and loses nothing. The
     existing file is checked whole before anything is changed (`scan_predictions`), under an exclusive lock held
     until the last line is written."""
@@ -383,7 +393,7 @@ def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatch
         scan = scan_predictions(out_path, method=method, run=run)
         if scan.torn:  # only now, with the whole file checked: drop the torn last line of our own
             _truncate(out_path, scan.cut)
-        done = set(scan.ids)
+        done = set(scan.ids) | {str(i) for i in skip}
         skipped = sum(i in done for i in ids)
         written = 0
         bar = tqdm(total=len(ids), initial=skipped, disable=not progress, desc=method or "generate", unit="ex")
@@ -430,6 +440,79 @@ def generate_predictions(examples: Sequence[Any], predict_batch_fn: PredictBatch
         finally:
             bar.close()
     return GenerateStats(total=len(ids), skipped=skipped, written=written, repaired=scan.torn, out_path=out_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data-parallel generation: one shard file per process, merged into the one predictions file
+
+_SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)\.jsonl$")
+
+
+def shard_path(out_path: str | Path, rank: int, world: int) -> Path:
+    """The file process `rank` of `world` writes in a data-parallel run: `<out>.shard-<rank>-of-<world>.jsonl`."""
+    out = Path(out_path)
+    return out.with_name(f"{out.name}.shard-{rank}-of-{world}.jsonl")
+
+
+def shard_files(out_path: str | Path) -> list[tuple[int, int, Path]]:
+    """The shard files of `out_path` that exist, as (rank, world, path), sorted."""
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        if p.name.startswith(f"{out.name}.shard-") and (m := _SHARD_RE.search(p.name[len(out.name):])):
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(found)
+
+
+def shard_examples(examples: Sequence[Any], batch_size: int, rank: int, world: int) -> list[Any]:
+    """Process `rank`'s share of `examples`: the chunks k (examples[k*B:(k+1)*B], B = batch_size) with
+    k % world == rank, in order. Whole chunks, so each batch decoded (its rows, their padding, its chunk seed) is
+    the one a single process decodes."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}); got {rank}")
+    return [ex for k in range(rank, math.ceil(len(examples) / batch_size), world)
+            for ex in examples[k * batch_size:(k + 1) * batch_size]]
+
+
+def _complete_lines(path: Path, method: str | None, run: dict[str, Any] | None) -> list[tuple[str, bytes]]:
+    """(id, line with its newline) of every complete record of a predictions file, checked like a resume
+    (`scan_predictions`); a torn last line is left out."""
+    scan = scan_predictions(path, method=method, run=run)
+    with _open_regular(path, "predictions file") as f:
+        lines = [raw + b"\n" for _, raw, complete in _raw_lines(f, path) if complete]
+    return list(zip(scan.ids, lines[:len(scan.ids)]))
+
+
+def merge_shards(out_path: str | Path, ids: Sequence[str], world: int, method: str | None = None,
+                 run: dict[str, Any] | None = None) -> int:
+    """Merge the `world` shard files of a finished data-parallel run and what `out_path` already holds into
+    `out_path`: the records of `ids` in that order, then any other records --out held (another --limit), in its
+    order. Written atomically under the file's lock, then the shard files are removed. Every record is checked as
+    a resume would (method, run); a missing shard or an id of `ids` found nowhere is a UserError (a process did
+    not finish), and nothing is changed then. Returns the number of records written."""
+    out = check_output_target(out_path)
+    with exclusive_lock(out, LOCK_WHAT):
+        shards = [shard_path(out, r, world) for r in range(world)]
+        absent = [p for p in shards if not p.exists()]
+        if absent:
+            raise UserError(f"{absent[0]}: missing; a process of this {world}-process run did not write its shard")
+        records: dict[str, bytes] = {}
+        for src in ([out] if out.exists() else []) + shards:
+            for i, line in _complete_lines(src, method, run):
+                records.setdefault(i, line)
+        missing = [i for i in map(str, ids) if i not in records]
+        if missing:
+            raise UserError(f"{out}: example {missing[0]!r} is in no shard ({len(missing)} missing); a process of "
+                            f"this {world}-process run did not finish: run the same command again")
+        wanted = set(map(str, ids))
+        body = b"".join([records[str(i)] for i in ids] + [line for i, line in records.items() if i not in wanted])
+        atomic_write_text(out, body.decode("utf-8"))
+        for p in shards:
+            p.unlink()
+            p.with_name(p.name + ".lock").unlink(missing_ok=True)  # its writer's lock; that writer has finished
+    return len(records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,7 +583,11 @@ __all__ = [
     "check_output_target",
     "check_resume",
     "generate_predictions",
+    "merge_shards",
     "parse_line",
     "read_predictions",
     "scan_predictions",
+    "shard_examples",
+    "shard_files",
+    "shard_path",
 ]

@@ -2,7 +2,8 @@
 
 --out is resumed only when it is a predictions file of this tool written by the same run (checkpoint, data and
 prompt settings, decode settings: see flythinker.predictions); anything else is refused before the model loads and
-before the file is changed."""
+before the file is changed. Under `accelerate launch --num_processes N -m flythinker generate ...` the examples are
+shared out over the processes, one device each when there are several, and merged into --out (`_data_parallel`)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,16 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=d.top_p)
     parser.add_argument("--top-k", type=int, default=d.top_k)
     parser.add_argument("--seed", type=int, default=SEED, help="chunk k of the data is decoded with seed + k")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="transformers' repetition penalty on every id already in the prompt or output (1 = off)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
+                        help="ban any n-gram of this size from occurring twice (0 = off)")
+    parser.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens,
+                        help="no EOS before this many new tokens (0 = off)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto: bf16 on a CUDA GPU that supports it, else fp32")
+                        help="weights dtype for decoding; auto: bf16 where the hardware computes it natively (a "
+                             "CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; float32 for exact "
+                             "fp32 decoding. Predictions record the dtype used, so a resume never mixes two")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_args(parser, DataConfig, prefix="data.")
     parser.set_defaults(func=_cli_main)
@@ -66,7 +75,8 @@ def decode_config(args: argparse.Namespace):
     try:
         return DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -124,7 +134,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     from ..predictions import check_output_target, check_resume, generate_predictions
     from ..utils import print0, set_threads
 
-    set_threads()
+    world, rank = processes()
+    set_threads(_threads_per_process(world))
     ckpt = Path(args.checkpoint)
     decode = decode_config(args)
     if args.limit < 0:
@@ -141,6 +152,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     if args.limit > 0:
         examples = examples[: args.limit]
     method = args.method_name or default_method_name(ckpt)
+    if world > 1:
+        return _data_parallel(args, ckpt, data_cfg, decode, examples, out, method, run, world, rank)
     check_resume(out, method=method, run=run)
     model, tokenizer = load_checkpoint(ckpt, args.dtype)
     fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn([e.id for e in examples])
@@ -149,3 +162,101 @@ def _cli_main(args: argparse.Namespace) -> int:
     note = " (dropped a torn last line first)" if stats.repaired else ""
     print0(f"{stats.out_path}: {stats.written} new, {stats.skipped} already there, {stats.total} total{note}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data-parallel generation
+
+
+def processes() -> tuple[int, int]:
+    """(number of processes, this one's index): (1, 0) in a plain run; under `accelerate launch` / torchrun
+    (WORLD_SIZE > 1) the process group is joined here, and with several GPUs this process takes its own one
+    (accelerate's PartialState makes cuda:LOCAL_RANK the current device, where the model then loads)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 1, 0
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.num_processes, state.process_index
+
+
+def _threads_per_process(world: int) -> int | None:
+    """CPU threads of each process: $FLYTHINKER_THREADS, else this machine's cores split between the processes
+    on it (each taking all of them would oversubscribe every core)."""
+    if world <= 1 or os.environ.get("FLYTHINKER_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+
+def _sum(values: list[int]) -> list[int]:
+    """Element-wise sum over all processes (a collective, so also a barrier)."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    t = torch.tensor(values, dtype=torch.int64, device=PartialState().device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def _agree(error: UserError | None, what: str) -> None:
+    """Raise on every process when any process failed (each raises its own error, or a line pointing to the one
+    that failed), so none waits forever at a later collective."""
+    if _sum([0 if error is None else 1])[0]:
+        raise error or UserError(f"{what}: another process of this data-parallel run failed (see its error)")
+
+
+def _data_parallel(args: argparse.Namespace, ckpt: Path, data_cfg: Any, decode: Any, examples: list[Any],
+                   out: Path, method: str, run: dict[str, str], world: int, rank: int) -> int:
+    """Process `rank` of `world` decodes its whole chunks (`predictions.shard_examples`) into
+    `<out>.shard-<rank>-of-<world>.jsonl`, resumable like --out and skipping what --out already holds; when every
+    process is done the main one merges the shards into --out in input order (atomically) and removes them. The
+    chunk seeds are those of the single-process run, so greedy decoding (and sampling) gives its file byte for
+    byte. A killed run resumes from the shard files when started again with the same process count."""
+    from ..inference import Predictor, load_checkpoint
+    from ..predictions import (
+        check_resume,
+        generate_predictions,
+        merge_shards,
+        scan_predictions,
+        shard_examples,
+        shard_files,
+        shard_path,
+    )
+
+    shard = shard_path(out, rank, world)
+    error, done = None, []
+    try:
+        other = [(n, p) for _, n, p in shard_files(out) if n != world]
+        if other:
+            n, p = other[0]
+            raise UserError(f"{p} was written by a {n}-process data-parallel run; resume it with --num_processes "
+                            f"{n}, or delete its shard files to start those examples over")
+        # Only the main process takes --out's lock (the others would find it held); every process reads it.
+        done = (check_resume if rank == 0 else scan_predictions)(out, method=method, run=run).ids
+        check_resume(shard, method=method, run=run)
+    except UserError as e:
+        error = e
+    _agree(error, f"--out {out}")
+    model, tokenizer = load_checkpoint(ckpt, args.dtype)
+    ids = [e.id for e in examples]
+    fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn(ids)
+    mine = shard_examples(examples, decode.batch_size, rank, world)
+    stats = generate_predictions(mine, fn, shard, batch_size=decode.batch_size, method=method,
+                                 progress=not args.no_progress and rank == 0, run=run, skip=done)
+    written, repaired = _sum([stats.written, int(stats.repaired)])  # also the barrier: every shard is whole now
+    error = None
+    if rank == 0:
+        try:
+            merge_shards(out, ids, world, method=method, run=run)
+        except UserError as e:
+            error = e
+    _agree(error, f"--out {out}")
+    if rank == 0:
+        note = " (dropped a torn last line first)" if repaired else ""
+        print(f"{out}: {written} new, {len(ids) - written} already there, {len(ids)} total, from {world} "
+              f"processes{note}")
+    return 0
+

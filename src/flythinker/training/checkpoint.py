@@ -4,7 +4,10 @@ state needed to resume exactly; and the record that says which run an out_dir (a
 Layout of `out/step-000100/` (and `out/final/`):
     generator/ reasoner/ flythinker.json fusion.safetensors   <- FlyThinker.save_pretrained (loads for inference)
     training_state.pt                                         <- optimizer, scheduler, RNG, step, data position,
-                                                                 and the run identity (step-N only)
+                                                                 the engine and the run identity (step-N only)
+    engine/                                                   <- sharded engines only (FSDP, DeepSpeed): each
+                                                                 process's shard of weights and optimizer state,
+                                                                 written by `accelerator.save_state` (step-N only)
     train_config.json                                         <- the full TrainConfig, human-readable
 and `out/run.json` (the identity of the run that owns out_dir), `out/log.jsonl` (the loss log),
 `out/.flythinker.lock` (held while a run trains).
@@ -40,6 +43,9 @@ from ..utils import UserError
 from .config import DATA_SOURCE_FIELDS, RESUME_MAY_CHANGE
 
 STATE_NAME = "training_state.pt"
+ENGINE_DIR = "engine"
+"""Sub-directory of a step-N written by a sharded engine: accelerate's `save_state` output (weights, optimizer state
+and RNG of every process), what a resume under the same engine loads with `load_state`."""
 CONFIG_NAME = "train_config.json"
 RUN_NAME = "run.json"
 LOG_NAME = "log.jsonl"
@@ -128,14 +134,23 @@ def _short(v: Any) -> str:
 _MISSING = object()
 
 
-def identity_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two run identities, one short "key old -> new" item each ([] = the same run)."""
+def identity_difference(saved: dict[str, Any], current: dict[str, Any],
+                        defaults: dict[str, Any] | None = None) -> list[str]:
+    """What differs between two run identities, one short "key old -> new" item each ([] = the same run).
+
+    defaults: the default settings, shaped like the config (e.g. {"model": {...}, "train": {...}}); a setting
+    may be absent from `saved` because it was added to flythinker after `saved` was written. Such a key, now at its default, is not a difference: a new setting's default
+    is the behaviour before it existed, so an old finished run stays reusable by a newer flythinker."""
     if not isinstance(saved, dict):
         return ["run record (not a mapping)"]
-    diffs = []
+    diffs, tolerated = [], False
     a, b = _flatten(saved.get("config", {})), _flatten(current["config"])
+    dflt = _flatten(defaults) if defaults else {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+        if va is _MISSING and k in dflt and dflt[k] == vb:
+            tolerated = True
+            continue
         if va != vb:
             diffs.append(f"{k} {_short(va)} -> {_short(vb)}")
     if saved.get("data") != current["data"]:
@@ -143,7 +158,7 @@ def identity_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[
                      f"{current['examples']} examples, fingerprint {current['data']})")
     if saved.get("world_size") != current["world_size"]:
         diffs.append(f"processes {saved.get('world_size')} -> {current['world_size']}")
-    if not diffs and saved.get("fingerprint") != current["fingerprint"]:
+    if not diffs and not tolerated and saved.get("fingerprint") != current["fingerprint"]:
         diffs.append(f"fingerprint {saved.get('fingerprint')} -> {current['fingerprint']}")
     return diffs
 
@@ -318,15 +333,39 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def temporary_path(out_dir: str | Path, name: str) -> Path:
+    """Where checkpoint `name` is written before it is published under its real name."""
+    return Path(out_dir) / f".tmp-{name}"
+
+
+def begin_checkpoint(out_dir: str | Path, name: str) -> Path:
+    """Create the empty temporary directory of checkpoint `name` (removing a leftover one) and return it. Main
+    process only; a sharded engine's processes then write their shards under it (`ENGINE_DIR`) before
+    `finish_checkpoint` publishes it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out_dir, name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(out_dir: str | Path, name: str, model, training_state: dict[str, Any] | None,
                     config: dict[str, Any]) -> Path:
     """Write `out_dir/name` atomically. `model` is a FlyThinker (unwrapped); returns the final path."""
+    begin_checkpoint(out_dir, name)
+    return finish_checkpoint(out_dir, name, model, training_state, config)
+
+
+def finish_checkpoint(out_dir: str | Path, name: str, model, training_state: dict[str, Any] | None,
+                      config: dict[str, Any]) -> Path:
+    """Write the model (HF layout, through its own `save_pretrained`), the training state and the config into the
+    temporary directory made by `begin_checkpoint`, flush it to disk and rename it to `out_dir/name` (replacing an
+    existing one without a moment where neither exists). Main process only; returns the final path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
-    tmp = out_dir / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temporary_path(out_dir, name)
     model.save_pretrained(tmp)
     if training_state is not None:
         torch.save(training_state, tmp / STATE_NAME)
@@ -428,3 +467,13 @@ def check_checkpoint_files(path: str | Path) -> None:
                 pass
         except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError: truncated or not a safetensors file
             raise CheckpointError(file, f"truncated or corrupt: {_first_line(e)}") from None
+
+
+def check_engine_files(path: str | Path) -> None:
+    """A step-N of a sharded engine must hold `ENGINE_DIR` with files in it, else a CheckpointError naming it. What
+    is inside is accelerate's format (`load_state` reads it and fails loudly on a damaged shard)."""
+    engine = Path(path) / ENGINE_DIR
+    if not engine.is_dir():
+        raise CheckpointError(engine, "missing (the sharded engine state)")
+    if not any(p.is_file() for p in engine.rglob("*")):
+        raise CheckpointError(engine, "empty (the sharded engine state)")

@@ -44,6 +44,10 @@ class TrainArgs:
     """Peak learning rate of the Reasoner."""
     lr_projection: float = 1e-3
     """Peak learning rate of the width projection (only when d_R != d_G)."""
+    lr_gate: float = 1e-2
+    """Peak learning rate of the fusion gate g (only with model.fusion.gate scalar/vector). Far above the LMs':
+    Adam moves a parameter by about lr per step, so at 1e-4 over ~25 steps a zero-initialised gate would reach
+    only ~0.0025 and the model would stay the SFT model. Never weight-decayed (a scalar / vector parameter)."""
     weight_decay: float = 0.025
     """AdamW weight decay on matrices (not on norms/biases); the official scripts use 0.025."""
     warmup_ratio: float = 0.05
@@ -63,7 +67,9 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 autocast where the device supports it natively (CUDA), fp32 elsewhere."""
+    """auto = bf16 autocast where the device computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX;
+    `flythinker.utils.native_bf16`), fp32 elsewhere; bf16 = autocast anywhere. Weights and optimizer state stay in
+    the dtype they were loaded in (fp32 unless model.dtype says otherwise). fp32 = no autocast (exact runs)."""
     seed: int = 0
     """Seeds data order, dropout and initialisation."""
     log_every: int = 1
@@ -109,8 +115,8 @@ class TrainArgs:
                 if value not in choices:
                     raise UserError(f"{where}: must be one of {', '.join(choices)}; got {value!r}")
         _at_least(self, 1, "batch_size", "grad_accum", "log_every")
-        _at_least(self, 0, "lr_generator", "lr_reasoner", "lr_projection", "weight_decay", "max_grad_norm", "epochs",
-                  "max_steps", "save_every", "keep_checkpoints", "calibration_examples", "threads")
+        _at_least(self, 0, "lr_generator", "lr_reasoner", "lr_projection", "lr_gate", "weight_decay", "max_grad_norm",
+                  "epochs", "max_steps", "save_every", "keep_checkpoints", "calibration_examples", "threads")
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"train.{name}: must be in [0, 1]; got {getattr(self, name)!r}")

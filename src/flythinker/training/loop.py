@@ -6,19 +6,26 @@ clipping, autocast, a JSONL loss log, a progress bar, periodic atomic checkpoint
 (never another run's checkpoints: see `checkpoint.run_identity`), an exclusive lock on the out_dir, and a stop with
 a one-line error on a non-finite loss or gradient; the
 deterministic, shardable data order (`windows_for_epoch`); and `validate` (teacher-forced dev NLL). Runs
-single-process on CPU/GPU and under `accelerate launch` (DDP) unchanged.
+single-process on CPU/GPU and under `accelerate launch` unchanged: DDP, or a sharded engine (FSDP2, DeepSpeed ZeRO)
+that shards both models' parameters, gradients and optimizer state (docs/scaling.md). Model, optimizer, scheduler
+and data loader all go through `accelerator.prepare`; the saved model directory is the same HF layout whatever the
+engine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +35,16 @@ from ..data.collate import IGNORE_INDEX, collate
 from ..safeio import check_output_dir
 from ..utils import UserError, seed_everything
 from .checkpoint import (
+    ENGINE_DIR,
     LOG_NAME,
     STATE_NAME,
     CheckpointError,
+    begin_checkpoint,
     check_checkpoint_files,
+    check_engine_files,
     check_same_run,
     claim_out_dir,
+    finish_checkpoint,
     load_training_state,
     prune_checkpoints,
     remove_checkpoints_after,
@@ -43,10 +54,14 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
     step_checkpoints,
+    temporary_path,
     truncate_log,
 )
 from .config import TrainArgs
 from .optim import lr_lambda, param_groups
+
+SHARDED_ENGINES = ("fsdp", "deepspeed")
+"""Engines whose processes each hold only a shard of the weights and optimizer state."""
 
 
 def _batch(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -55,13 +70,17 @@ def _batch(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, t
     return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
-def windows_for_epoch(n: int, epoch: int, args: TrainArgs, world: int) -> list[list[list[int]]]:
+def windows_for_epoch(n: int, epoch: int, args: TrainArgs, world: int,
+                      stages: Sequence[int] | None = None) -> list[list[list[int]]]:
     """Example indices for one epoch: a list of optimizer windows, each a list of global micro-batches.
 
     The order is a seeded permutation per epoch, identical on every process; each global micro-batch holds
-    batch_size * world indices and process `rank` takes its slice, so resuming only needs (epoch, window)."""
+    batch_size * world indices and process `rank` takes its slice, so resuming only needs (epoch, window).
+    `stages` (a curriculum: each feature's "stage", e.g. Coconut's) orders the epoch stage by stage, shuffled within."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
+    if stages is not None:
+        perm.sort(key=stages.__getitem__)  # stable: the permutation's order within each stage
     per = args.batch_size * world
     micro = [perm[i: i + per] for i in range(0, n, per)]
     # Pad a short last micro-batch by wrapping so every process gets a full slice (DDP needs equal step counts).
@@ -75,6 +94,59 @@ def total_optimizer_steps(n: int, args: TrainArgs, world: int) -> int:
         return args.max_steps
     micro = math.ceil(n / (args.batch_size * world))
     return args.epochs * math.ceil(micro / args.grad_accum)
+
+
+def planned_windows(n: int, args: TrainArgs, world: int, epoch: int, window: int, steps: int,
+                    stages: Sequence[int] | None = None) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """The next `steps` optimizer windows from position (epoch, window): (epoch, window index, global
+    micro-batches), crossing epochs as needed. Lazy and deterministic, so the sampler and the loop walk the same
+    plan independently."""
+    e, done = epoch, 0
+    while done < steps:
+        for w, win in enumerate(windows_for_epoch(n, e, args, world, stages)):
+            if e == epoch and w < window:
+                continue
+            yield e, w, win
+            done += 1
+            if done == steps:
+                return
+        e += 1
+
+
+class WindowSampler:
+    """Batch sampler of a run's plan in the order accelerate deals batches out.
+
+    For every global micro-batch it yields the `world` per-process slices in rank order; accelerate's sharding
+    (`BatchSamplerShard`: batch k * world + r goes to process r) then gives process r exactly slice r, the same
+    assignment as `windows_for_epoch` describes, so one process with batch B * world and world processes with
+    batch B see the same global micro-batches."""
+
+    def __init__(self, plan: Any, batch_size: int, world: int):
+        self.plan, self.batch_size, self.world = plan, batch_size, world
+        self._len: int | None = None
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, _, win in self.plan():
+            for micro in win:
+                for r in range(self.world):
+                    yield micro[r * self.batch_size:(r + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = sum(len(win) for _, _, win in self.plan()) * self.world
+        return self._len
+
+
+def engine_of(accelerator: Any) -> str:
+    """"fsdp" or "deepspeed" for accelerate's sharded engines, else "ddp" (one process, or DDP)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp"
 
 
 @dataclass
@@ -98,21 +170,30 @@ def fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, p
 
     The out_dir is this run's for the whole call: its lock is held (main process), a fresh run refuses an out_dir
     holding another run unless `args.overwrite`, and a resume accepts only a checkpoint of the same run
-    (`checkpoint.run_identity`), falling back past unreadable checkpoints with a one-line note on stderr. A
-    non-finite loss or gradient norm stops training with a UserError before the optimizer step, so no NaN weights
-    are ever saved. `config` is what train_config.json records and (minus the train section, which always comes
-    from `args`) part of the run identity.
+    (`checkpoint.run_identity`) written under the same engine, falling back past unreadable checkpoints with a
+    one-line note on stderr. A non-finite loss or gradient norm stops training with a UserError before the
+    optimizer step, so no NaN weights are ever saved. `config` is what train_config.json records and (minus the
+    train section, which always comes from `args`) part of the run identity.
+
+    Under a sharded engine (an FSDP2 or DeepSpeed accelerate config) `model` is sharded in place and stays so
+    after the call; read the trained weights from out_dir/final (same layout as ever) or with
+    `accelerator.get_state_dict`.
     """
     from accelerate import Accelerator
 
     if not features:
         raise UserError("no training examples")
     if accelerator is None:
-        mp = "bf16" if args.precision == "bf16" or (args.precision == "auto" and _native_bf16()) else "no"
+        mp = "bf16" if resolve_precision(args.precision) == "bf16" else "no"
+        _allow_precision(mp)
         accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     out_dir = check_output_dir(args.out_dir, "train.out_dir")
     config = config or {"train": to_dict(args)}
-    identity = run_identity(config, to_dict(args), features, accelerator.num_processes)
+    # The identity records the precision this run computes in, not "auto": auto means bf16 on hardware that runs it
+    # natively and fp32 elsewhere, and a run started in one must not be resumed (or reused) as the other.
+    resolved = "bf16" if str(accelerator.mixed_precision) == "bf16" else \
+        "fp16" if str(accelerator.mixed_precision) == "fp16" else "fp32"
+    identity = run_identity(config, {**to_dict(args), "precision": resolved}, features, accelerator.num_processes)
 
     stack = contextlib.ExitStack()
     error: UserError | None = None
@@ -137,6 +218,8 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
     from tqdm.auto import tqdm
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    engine = engine_of(accelerator)
+    sharded = engine in SHARDED_ENGINES
     seed_everything(args.seed)
     # Before any weight is loaded or updated: the statistics come from the untrained Reasoner, so a resumed run
     # recomputes exactly the values it started with.
@@ -144,72 +227,116 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
     if callable(prepare):
         prepare(features, args.calibration_examples, pad_token_id)
     model.train()
+    _configure_engine(accelerator, engine, model, args)
+    # A weightless copy taken before the engine shards `model`: saving fills it with the gathered full weights
+    # and calls the method's own save_pretrained, so every engine writes the same HF-style directory.
+    skeleton = meta_copy(model) if sharded else None
     optimizer = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.95), eps=1e-8)
     total = total_optimizer_steps(len(features), args, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total))
 
     step, epoch, window = 0, 0, 0
     last_saved: Path | None = None
+    resumed: tuple[Path, dict[str, Any]] | None = None
     if args.resume and not args.overwrite:
-        found = _resumable_checkpoint(model, out_dir, identity, accelerator)
+        found = _resumable_checkpoint(model, out_dir, identity, accelerator, engine)
         if found is not None:
             ckpt, state, weights = found
-            model.load_state_dict(weights, strict=state.get("trainable") is None)
-            optimizer.load_state_dict(state["optimizer"])
+            if not sharded:  # a sharded engine restores its shards with load_state once prepared (below)
+                model.load_state_dict(weights, strict=state.get("trainable") is None)
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
             step, epoch, window = state["step"], state["epoch"], state["window"]
-            last_saved = ckpt
-            accelerator.print(f"resumed from {ckpt} at step {step}")
+            last_saved, resumed = ckpt, (ckpt, state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_checkpoints_after(out_dir, step)  # unreadable ones skipped above; this run rewrites those steps
         truncate_log(out_dir, step)  # steps after the checkpoint are redone: log them once
-    wrapped = accelerator.prepare(model)
+
+    stages = [int(f.get("stage", 0)) for f in features] if any("stage" in f for f in features) else None
+    plan = partial(planned_windows, len(features), args, world, epoch, window, max(0, total - step), stages)
+    # The loader's own generator seeds its iterator, so iterating it never draws from the global RNG that dropout
+    # uses (a resumed run would otherwise start one draw off).
+    loader = torch.utils.data.DataLoader(features, batch_sampler=WindowSampler(plan, args.batch_size, world),
+                                         collate_fn=partial(_batch, pad_token_id=pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    wrapped, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    if hasattr(scheduler, "step_with_optimizer"):
+        # accelerate's wrapper would step the schedule once per process per optimizer step (its convention for
+        # per-process batch sizes); ours counts optimizer steps of the global batch.
+        scheduler.step_with_optimizer = False
+    if resumed is not None:
+        ckpt, state = resumed
+        if sharded:
+            accelerator.load_state(str(ckpt / ENGINE_DIR))
+        follow_schedule(scheduler)
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
     device = accelerator.device
+
+    def save(name: str, state: dict[str, Any] | None) -> Path | None:
+        """Checkpoint `name` (with the training state when given); every process calls it. Returns the path on
+        the main process."""
+        path = None
+        if not sharded:
+            if accelerator.is_main_process:
+                path = save_checkpoint(out_dir, name, accelerator.unwrap_model(wrapped), state, config)
+            accelerator.wait_for_everyone()
+            return path
+        if accelerator.is_main_process:
+            begin_checkpoint(out_dir, name)
+        accelerator.wait_for_everyone()
+        if state is not None:
+            accelerator.save_state(str(temporary_path(out_dir, name) / ENGINE_DIR))  # every process its shard
+        weights = accelerator.get_state_dict(wrapped)  # a collective; the whole state dict on the main process
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = finish_checkpoint(out_dir, name, full_model(skeleton, weights), state, config)
+        accelerator.wait_for_everyone()
+        return path
 
     log_path = out_dir / LOG_NAME
     bar = tqdm(total=total, initial=step, desc="train", disable=not (args.progress and accelerator.is_main_process),
                dynamic_ncols=True)
     result = FitResult(steps=step)
     t_start = time.perf_counter()
-
-    def windows() -> Iterator[tuple[int, int, list[list[int]]]]:
-        e = epoch
-        while True:
-            for w, win in enumerate(windows_for_epoch(len(features), e, args, world)):
-                if e == epoch and w < window:
-                    continue
-                yield e, w, win
-            e += 1
-
+    batches_in = iter(loader)
+    # The engines average gradients over processes, so scaling by world makes the result Σ NLL / Σ tokens;
+    # `_backward_scale` undoes the engine's own division of the loss inside accelerator.backward.
+    scale = world * _backward_scale(accelerator, wrapped, engine)
     try:
-        for e, w, win in windows():
-            if step >= total:
-                break
+        for e, w, win in plan():
             t0 = time.perf_counter()
-            batches = [_batch([features[i] for i in micro[rank * args.batch_size:(rank + 1) * args.batch_size]],
-                              pad_token_id) for micro in win]
+            batches = [next(batches_in) for _ in win]  # this process's slice of each micro-batch, on its device
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             window_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum"))
             loss_sum_local = torch.zeros((), device=device)
             for j, b in enumerate(batches):
-                b = {k: v.to(device) for k, v in b.items()}
                 sync = j == len(batches) - 1
                 ctx = accelerator.no_sync(wrapped) if (world > 1 and not sync) else contextlib.nullcontext()
+                if engine == "deepspeed":  # DeepSpeed steps inside the backward that closes the window
+                    accelerator.gradient_state._set_sync_gradients(sync)
                 with ctx, accelerator.autocast():
                     out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-                    # DDP averages gradients over processes, so scale by world to make the result Σ NLL / Σ tokens.
-                    loss = out.loss_sum * world / max(1, window_tokens)
-                accelerator.backward(loss)
+                    loss = out.loss_sum * scale / max(1, window_tokens)
                 loss_sum_local += out.loss_sum.detach().float()
-            loss_value = float(accelerator.reduce(loss_sum_local, reduction="sum")) / max(1, window_tokens)
-            grad_norms = _grad_norms(model)
-            # Same values on every process (reduced loss, synchronized gradients), so all stop together.
-            _check_finite(step + 1, loss_value, grad_norms, last_saved)
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               args.max_grad_norm)
+                if sync:
+                    loss_value = float(accelerator.reduce(loss_sum_local, reduction="sum")) / max(1, window_tokens)
+                    # Before the last backward: DeepSpeed's step is part of it.
+                    _check_finite(step + 1, loss_value, {}, last_saved)
+                accelerator.backward(loss)
+            if engine == "deepspeed":
+                accelerator.gradient_state._set_sync_gradients(True)
+                norm = accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
+                grad_norms = {} if norm is None else {"all": float(norm)}
+                _check_finite(step + 1, loss_value, grad_norms, last_saved)  # after the fact: nothing is saved
+            else:
+                grad_norms = _grad_norms(model, accelerator, sharded)  # FSDP2 shards `model` in place
+                # Same values on every process (reduced loss, synchronized gradients), so all stop together.
+                _check_finite(step + 1, loss_value, grad_norms, last_saved)
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
+                                                args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -220,20 +347,21 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if accelerator.is_main_process and (step % args.log_every == 0 or step == total):
                 rec = {"step": step, "epoch": e, "loss": loss_value, "tokens": window_tokens, "seconds": round(dt, 4)}
-                for g in optimizer.param_groups:
-                    rec.setdefault(f"lr_{g['name']}", g["lr"])
+                for i, g in enumerate(optimizer.param_groups):
+                    rec.setdefault(f"lr_{g.get('name', i)}", g["lr"])
                 rec.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
             if args.save_every > 0 and step % args.save_every == 0:
                 next_e, next_w = _next_position(e, w, len(features), args, world)
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                state = {"optimizer": None if sharded else optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(),
                          "rng": accelerator.gather_for_metrics([rng_state()]) if world > 1 else rng_state(),
-                         "step": step, "epoch": next_e, "window": next_w, "trainable": _lora_state(model),
-                         "run": identity}
+                         "step": step, "epoch": next_e, "window": next_w,
+                         "trainable": None if sharded else _lora_state(model), "engine": engine, "run": identity}
+                saved = save(f"step-{step:06d}", state)
                 if accelerator.is_main_process:
-                    last_saved = save_checkpoint(out_dir, f"step-{step:06d}", accelerator.unwrap_model(wrapped),
-                                                 state, config)
+                    last_saved = saved
                     prune_checkpoints(out_dir, args.keep_checkpoints)
                 accelerator.wait_for_everyone()
     finally:
@@ -241,11 +369,103 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
     elapsed = time.perf_counter() - t_start
     result.steps = step
     result.seconds_per_step = elapsed / max(1, len(result.losses))
-    if args.save_final and accelerator.is_main_process:
-        result.final_dir = save_checkpoint(out_dir, "final", accelerator.unwrap_model(wrapped), None, config)
+    if args.save_final:
+        final = save("final", None)
+        if accelerator.is_main_process:
+            result.final_dir = final
     accelerator.wait_for_everyone()
     model.eval()
     return result
+
+
+def _configure_engine(accelerator: Any, engine: str, model: nn.Module, args: TrainArgs) -> None:
+    """Settings a sharded engine takes from the run before `prepare`: FSDP2 wraps each decoder layer of the
+    method's language models in its own unit; DeepSpeed's batch / accumulation / clipping come from `args` (a
+    differing value in its config is replaced, with a note). A launch that asked for a sharded engine which
+    accelerate did not start (it runs FSDP and DeepSpeed on accelerators only) is a UserError: it would silently
+    train with full copies on every process."""
+    for env, name in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
+        if os.environ.get(env, "false").lower() == "true" and engine != name:
+            raise UserError(f"the accelerate config asks for {name} but accelerate started {engine} (it runs FSDP "
+                            f"and DeepSpeed on GPUs/accelerators only, not on CPU); use configs/accelerate/ddp.yaml "
+                            f"here or launch on GPUs")
+    if engine == "fsdp":
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise UserError(f"FSDP version {plugin.fsdp_version}: flythinker trains with FSDP2; set fsdp_version: 2 "
+                            f"in the accelerate config's fsdp_config (see configs/accelerate_fsdp.yaml)")
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+        if policy is transformer_auto_wrap_policy and not plugin.transformer_cls_names_to_wrap:
+            # accelerate reads `_no_split_modules` of the top model, which a method's wrapper does not have; its
+            # language models (Generator, Reasoner) do.
+            names = {n for _, m in model.trainable_parts() for n in (getattr(m, "_no_split_modules", None) or ())}
+            plugin.transformer_cls_names_to_wrap = sorted(names)
+    elif engine == "deepspeed":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        wanted = {"train_micro_batch_size_per_gpu": ("train.batch_size", args.batch_size),
+                  "gradient_accumulation_steps": ("train.grad_accum", args.grad_accum),
+                  "gradient_clipping": ("train.max_grad_norm", args.max_grad_norm)}
+        for key, (name, value) in wanted.items():
+            if ds.get(key, "auto") not in ("auto", value) and accelerator.is_main_process:
+                print(f"flythinker: note: DeepSpeed {key} {ds[key]} replaced by {name} = {value} (the loop "
+                      f"normalizes and accumulates by the train section)", file=sys.stderr, flush=True)
+            ds[key] = value
+
+
+def follow_schedule(scheduler: Any) -> None:
+    """Set the optimizer's learning rates to the schedule's value at its current step. After a resume the restored
+    optimizer state holds the rates of the schedule it was saved under; a resume that extends max_steps / epochs
+    has another total, and its next step must already use the new schedule (as an uninterrupted run would)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+    groups = inner.optimizer.param_groups
+    for group, base, f in zip(groups, inner.base_lrs, inner.lr_lambdas):
+        group["lr"] = base * f(inner.last_epoch)
+    inner._last_lr = [g["lr"] for g in groups]
+
+
+def _backward_scale(accelerator: Any, wrapped: Any, engine: str) -> float:
+    """The factor that cancels the division of the loss inside `accelerator.backward`: by accelerate's own
+    gradient_accumulation_steps, or by DeepSpeed's (its engine scales every micro-batch by 1 / steps). The loop
+    accumulates by windows itself, so that division would shrink every gradient."""
+    if engine == "deepspeed":
+        return float(wrapped.gradient_accumulation_steps())
+    return float(accelerator.gradient_accumulation_steps)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device (no memory): the module structure,
+    configs, tokenizer and tied weights of the original, for `full_model` to fill later."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def full_model(skeleton: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `skeleton` (see `meta_copy`) holding `state_dict`'s tensors, with the skeleton's tied parameters
+    tied again (assigning a state dict unties them). Raises RuntimeError when the state dict does not cover every
+    parameter (a gathered state dict that is not whole)."""
+    model = copy.deepcopy(skeleton)
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    for names in tied.values():
+        present = [n for n in names if n in state_dict]
+        if len(names) > 1 and present:
+            keep = model.get_parameter(present[0])
+            for n in names:
+                owner, _, leaf = n.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = keep
+    persistent = set(model.state_dict())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    missing = [n for n, t in tensors if t.is_meta and n in persistent]
+    if missing:
+        raise RuntimeError(f"the gathered state dict lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    return model
 
 
 def _all_ok(accelerator: Any, ok: bool) -> bool:
@@ -267,11 +487,12 @@ def _check_finite(step: int, loss: float, grad_norms: dict[str, float], last_sav
                         f"step ({kept}); lower the learning rates (train.lr_*) or model.fusion.lam, or check the data")
 
 
-def _resumable_checkpoint(model: nn.Module, out_dir: Path, identity: dict[str, Any],
-                          accelerator: Any) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The newest step-N of this run that reads back whole: (path, training state, weights to load). Unreadable
-    ones are skipped (one note on stderr when an earlier one is used); another run's checkpoint is refused; none
-    usable while some exist is a UserError naming the newest bad file. Loads nothing into `model`."""
+def _resumable_checkpoint(model: nn.Module, out_dir: Path, identity: dict[str, Any], accelerator: Any,
+                          engine: str) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor] | None] | None:
+    """The newest step-N of this run that reads back whole: (path, training state, weights to load; None under a
+    sharded engine, whose `load_state` reads them). Unreadable ones are skipped (one note on stderr when an
+    earlier one is used); another run's checkpoint, or one written under another engine, is refused; none usable
+    while some exist is a UserError naming the newest bad file. Loads nothing into `model`."""
     skipped: list[CheckpointError] = []
     for _, ckpt in step_checkpoints(out_dir):
         try:
@@ -280,9 +501,18 @@ def _resumable_checkpoint(model: nn.Module, out_dir: Path, identity: dict[str, A
             skipped.append(e)
             continue
         check_same_run(state.get("run"), identity, ckpt / STATE_NAME, out_dir)
+        saved_engine = state.get("engine") or "ddp"
+        if saved_engine != engine:
+            raise UserError(f"train.out_dir {out_dir}: {ckpt.name} was written under the {saved_engine} engine and "
+                            f"this run uses {engine}; resume it with the accelerate config it was trained with, "
+                            f"or pass --train.overwrite true to start over")
         try:
             check_checkpoint_files(ckpt)
-            weights = _checkpoint_weights(model, ckpt, state)
+            if engine in SHARDED_ENGINES:
+                check_engine_files(ckpt)
+                weights = None
+            else:
+                weights = _checkpoint_weights(model, ckpt, state)
         except CheckpointError as e:
             skipped.append(e)
             continue
@@ -303,13 +533,27 @@ def _next_position(e: int, w: int, n: int, args: TrainArgs, world: int) -> tuple
     return (e, w + 1) if w + 1 < n_windows else (e + 1, 0)
 
 
-def _grad_norms(model: nn.Module) -> dict[str, float]:
-    out = {}
-    for name, module in model.trainable_parts():
-        grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-        if grads:
-            out[name] = float(torch.stack(grads).norm())
-    return out
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a gradient (an FSDP2 DTensor's local shard; a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _grad_norms(model: nn.Module, accelerator: Any, sharded: bool) -> dict[str, float]:
+    """L2 norm of each trainable part's gradient. Sharded: every process holds a disjoint shard, so the squared
+    norms of the local shards are summed over processes (a collective); otherwise gradients are whole here."""
+    parts = model.trainable_parts()
+    local = []
+    for _, module in parts:
+        grads = [_local(p.grad).detach().float().norm() for p in module.parameters() if p.grad is not None]
+        local.append(torch.stack(grads) if grads else None)
+    if not sharded:
+        return {name: float(g.norm()) for (name, _), g in zip(parts, local) if g is not None}
+    device = accelerator.device
+    sums = torch.stack([torch.zeros((), device=device) if g is None else g.square().sum().to(device) for g in local])
+    present = torch.tensor([0.0 if g is None else 1.0 for g in local], device=device)
+    sums = accelerator.reduce(sums, reduction="sum")
+    present = accelerator.reduce(present, reduction="sum")
+    return {name: float(s.sqrt()) for (name, _), s, n in zip(parts, sums, present) if n > 0}
 
 
 def _lora_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -341,13 +585,36 @@ def _checkpoint_weights(model: nn.Module, ckpt: Path, state: dict[str, Any]) -> 
     return weights
 
 
+def resolve_precision(precision: str) -> str:
+    """"bf16" or "fp32": what train.precision means on this machine ("auto": bf16 where native, see
+    `_native_bf16`). The run identity records this, not "auto"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and _native_bf16()) else "fp32"
+
+
 def _native_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """precision "auto": bf16 autocast (fp32 master weights and optimizer state) where the training device computes
+    bf16 natively (`utils.native_bf16`: CUDA with bf16, AVX512-BF16 / AMX CPUs; $FLYTHINKER_NATIVE_BF16 overrides)."""
+    from ..utils import default_device, native_bf16
+
+    return native_bf16(default_device())
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set (a second Accelerator
+    with another one raises); a process that trains twice with different precisions (study rows, tests) drops that
+    state first. The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 @torch.no_grad()
 def validate(model: nn.Module, features: Sequence[dict[str, Any]], pad_token_id: int, batch_size: int = 4) -> float:
-    """Mean next-token NLL per supervised token over `features` (teacher-forced)."""
+    """Mean next-token NLL per supervised token over `features` (teacher-forced). `model` unwrapped (DDP:
+    `accelerator.unwrap_model`); a model sharded in place by FSDP2 works too when every process calls this (its
+    forward gathers the shards)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
