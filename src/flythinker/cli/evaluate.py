@@ -25,8 +25,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (metrics.json, report.md, segments.png)")
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="YAML whose keys are the settings below (metrics, mode, segments, segment_metrics, "
-                             "tokenizer, bertscore_model, bertscore_layers, baseline, common_ids, n_boot, "
-                             "confidence, seed; judge: {url, model, timeout, retries, normalize, workers, ...}); "
+                             "tokenizer, bertscore_model, bertscore_layers, baseline, baseline_nonpers, "
+                             "difficulty_from, common_ids, n_boot, confidence, seed; judge: {url, model, timeout, retries, normalize, workers, ...}); "
                              "flags override it")
     parser.add_argument("--metrics", default=_S, help=f"comma-separated (default: all of {','.join(d.metrics)})")
     parser.add_argument("--mode", default=_S, choices=("mean", "longlamp"),
@@ -47,6 +47,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bertscore-layers", type=int, default=_S,
                         help="encoder layer for BERTScore (default: its last layer)")
     parser.add_argument("--baseline", default=_S, help="method the others are compared with (default: first)")
+    parser.add_argument("--baseline-nonpers", default=_S, metavar="NAME",
+                        help="the Non-personalized method of the 'Impr.' column (Table 12: mean relative "
+                             "improvement over the metrics, in %%; default: the method named Non-personalized / "
+                             "nonpersonalized; without one the column is left out)")
+    parser.add_argument("--difficulty-from", default=_S, metavar="NAME",
+                        help="untrained reference method whose per-example scores rank the examples into four "
+                             "difficulty levels, every method then scored per level (App. Q); default 'auto': the "
+                             "Non-personalized row, else RAG, else none; 'none' skips")
     parser.add_argument("--common-ids", dest="common_ids", action="store_true", default=_S,
                         help="score every file on the example ids all files share (the count left out is printed "
                              "and recorded) instead of refusing files that do not hold the same ids")
@@ -100,8 +108,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     report = run_evaluation(args.files, args.out, cfg)
     for line in summary_lines(report):
         print(line)
-    print_json_line({"out": str(args.out), "methods": {k: v["metrics"] for k, v in report.methods.items()},
-                     "config": json.loads(json.dumps(asdict(cfg), default=str))})
+    line: dict[str, Any] = {"out": str(args.out), "methods": {k: v["metrics"] for k, v in report.methods.items()},
+                            "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    impr = {k: v["impr_over_nonpers"] for k, v in report.methods.items() if "impr_over_nonpers" in v}
+    if impr:
+        line["impr_over_nonpers"] = impr
+    if report.difficulty and "levels" in report.difficulty:
+        line["difficulty"] = {"reference": report.difficulty["reference"],
+                              "levels": {r["level"]: r["n"] for r in report.difficulty["levels"]}}
+    print_json_line(line)
     return 0
 
 

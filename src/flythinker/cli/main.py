@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("flythinker.cli.bench", "benchmarks: decode latency (ms/token) and training step time"),
     "demo": ("flythinker.cli.demo", "end-to-end demo: train FlyThinker and SFT, generate, evaluate, compare"),
     "study": ("flythinker.cli.study", "the full comparison study (methods x splits, CIs, ablations, efficiency)"),
+    "analyze": ("flythinker.cli.analyze", "analyses of a trained model: latent trajectories (t-SNE, App. H)"),
     "serve": ("flythinker.cli.serve", "HTTP service: users' histories in a database, personalized generation, "
               "OpenAI-compatible"),
 }

@@ -13,7 +13,12 @@ a prediction path that is missing, a directory, a pipe or device, unreadable, bi
 given twice; two files of one method; files whose references differ for the same id (they are predictions of
 different examples, and their scores cannot be compared); files that do not hold the same ids (unless
 `common_ids`, which scores every file on the ids all share and says how many it left out); an empty reference in
-"mean" mode; an output folder that is a file or device, or holds a directory where a report file goes.
+"mean" mode; a `baseline_nonpers` or `difficulty_from` that names no method; an output folder that is a file or
+device, or holds a directory where a report file goes.
+
+The paper's analyses over the scored methods (`flythinker.evaluation.analyses`) go into the same report: the
+average relative improvement over the Non-personalized row (Table 12 "Impr."; when such a row is among the inputs)
+and every method's metrics per difficulty level (App. Q; levels from the untrained reference's per-example scores).
 Outputs are written only when everything was computed, each atomically (temporary file + rename) under the output
 folder's lock, so a kill never leaves half a report and a refused input writes nothing.
 """
@@ -74,6 +79,14 @@ class EvalConfig:
     common_ids: bool = False
     """Score every file on the ids all files share (printed and recorded with how many each file lost) instead of
     refusing files that do not hold the same ids."""
+    baseline_nonpers: str | None = None
+    """The Non-personalized method the "Impr." column (Table 12: mean relative improvement over the metrics, in %)
+    is computed against (default: the method named "Non-personalized" / "nonpersonalized", if any; without one
+    the column is left out)."""
+    difficulty_from: str | None = "auto"
+    """The untrained reference method whose per-example scores rank the examples into four difficulty levels
+    (App. Q); every method is then scored per level. "auto": the Non-personalized row, else the RAG row, else
+    no levels; "none" skips them."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "evaluation config") -> EvalConfig:
@@ -96,6 +109,8 @@ class EvalConfig:
             d["segments"] = None  # YAML reads a bare `off` as false
         elif isinstance(seg, (list, tuple)):
             d["segments"] = ",".join(map(str, seg))
+        if d.get("difficulty_from") is False:
+            d["difficulty_from"] = None  # a bare `off` in YAML
         cfg = from_dict(cls, d, where)
         cfg.judge = _judge_config(judge_section, f"{where}.judge")
         return cfg.check(where)
@@ -117,6 +132,12 @@ class EvalConfig:
             raise UserError(f"--bertscore-layers must be an integer >= 1; got {self.bertscore_layers!r}")
         if self.mode not in ("mean", "longlamp"):
             raise UserError(f"--mode must be 'mean' or 'longlamp'; got {self.mode!r}")
+        for name in ("baseline_nonpers", "difficulty_from"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"--{name.replace('_', '-')} must be a method name; got {value!r}")
+        if isinstance(self.difficulty_from, str) and self.difficulty_from.strip().lower() in ("", "none", "off"):
+            self.difficulty_from = None
         self.metrics = check_metrics(self.metrics)
         self.segment_metrics = check_metrics(self.segment_metrics)
         return self
@@ -153,10 +174,12 @@ class EvalReport:
     info: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
     scores: dict[str, Scores] = field(default_factory=dict, repr=False)
+    difficulty: dict[str, Any] | None = None
+    """The difficulty levels (App. Q) and every method's metrics per level, {"skipped": why}, or None (off)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"methods": self.methods, "segments": self.segments, "comparisons": self.comparisons,
-                "info": self.info, "files": self.files}
+                "difficulty": self.difficulty, "info": self.info, "files": self.files}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,6 +345,7 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
     baseline = cfg.baseline or names[0]
     if baseline not in names:
         raise UserError(f"--baseline {baseline!r} is not one of the methods: {', '.join(names)}")
+    nonpers, difficulty_ref = _analysis_methods(cfg, names)
     sets, examples = align_examples(sets, cfg.common_ids)
     for s in sets:
         check_references(s, cfg.mode)
@@ -373,6 +397,10 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
         comparisons["vs_baseline"][name] = {m: {k: _num(v) if isinstance(v, float) else v
                                                 for k, v in d.as_dict().items()} for m, d in diffs.items()}
 
+    if nonpers is not None:
+        add_relative_improvement(methods, nonpers, list(metrics), info)
+    difficulty = difficulty_report(scores, difficulty_ref, list(metrics)) if difficulty_ref is not None else None
+
     segments = None
     per_method = None
     files = {"metrics": str(out_dir / REPORT_FILES["metrics"]), "report": str(out_dir / REPORT_FILES["report"])}
@@ -393,9 +421,80 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
                                         for row in rows] for m, rows in per_method.items()}}
 
     report = EvalReport(methods=methods, segments=segments, comparisons=comparisons, info=info, files=files,
-                        scores=scores)
+                        scores=scores, difficulty=difficulty)
     _write_report(report, out_dir, per_method)
     return report
+
+
+def _analysis_methods(cfg: EvalConfig, names: Sequence[str]) -> tuple[str | None, str | None]:
+    """(the Non-personalized method for "Impr.", the reference of the difficulty levels), each None when off or
+    not found; a name given explicitly that is not a method is a UserError (before anything is scored)."""
+    from .analyses import find_difficulty_reference, find_nonpers
+
+    for flag, value in (("--baseline-nonpers", cfg.baseline_nonpers), ("--difficulty-from", cfg.difficulty_from)):
+        if value is not None and value != "auto" and value not in names:
+            raise UserError(f"{flag} {value!r} is not one of the methods: {', '.join(names)}")
+    nonpers = cfg.baseline_nonpers or find_nonpers(names)
+    ref = cfg.difficulty_from
+    if ref == "auto":
+        ref = find_difficulty_reference(names)
+    return nonpers, ref
+
+
+def add_relative_improvement(methods: dict[str, dict[str, Any]], nonpers: str, metrics: list[str],
+                             info: dict[str, Any]) -> None:
+    """Table 12's "Impr.": `impr_over_nonpers` (%) on every method's row except the Non-personalized one, and what
+    it is relative to in `info`."""
+    from .analyses import impr_metrics, relative_improvement
+
+    ref = methods[nonpers]["metrics"]
+    used = impr_metrics(ref, metrics)
+    for name, m in methods.items():
+        if name != nonpers:
+            m["impr_over_nonpers"] = relative_improvement(m["metrics"], ref, metrics)
+    info["impr_over_nonpers"] = {
+        "reference": nonpers, "metrics": used,
+        "definition": "mean over the metrics of (method - reference) / reference, in percent (Table 12 'Impr.'); "
+                      "metrics the reference scores 0 or NaN are left out"}
+
+
+def difficulty_report(scores: dict[str, Scores], reference: str, metrics: list[str]) -> dict[str, Any]:
+    """App. Q: levels from `reference`'s per-example scores (`analyses.difficulty_levels`), then every method's
+    metrics on the examples of each level (means; BLEU corpus-level per level). An example the reference did not
+    score ("longlamp" mode drops pairs) has no level. Fewer scored examples than levels: {"skipped": why}."""
+    from .analyses import (
+        DIFFICULTY_LABELS,
+        DIFFICULTY_LEVELS,
+        TIE_RULE,
+        difficulty_levels,
+        per_example_values,
+        subset_values,
+    )
+
+    ref = scores[reference]
+    n_levels = len(DIFFICULTY_LEVELS)
+    if ref.n < n_levels:
+        return {"reference": reference, "skipped": f"{reference} scored {ref.n} example(s), fewer than the "
+                                                   f"{n_levels} difficulty levels"}
+    levels, agg = difficulty_levels(per_example_values(ref, metrics), n_levels)
+    level_of = {i: int(k) for i, k in zip(ref.ids, levels)}
+    rows = []
+    for k, name in enumerate(DIFFICULTY_LEVELS):
+        a = agg[levels == k]
+        rows.append({"level": name, "label": DIFFICULTY_LABELS[name], "n": len(a),
+                     "score_min": float(a.min()), "score_max": float(a.max())})
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for method, sc in scores.items():
+        by_level: list[list[int]] = [[] for _ in range(n_levels)]
+        for row, i in enumerate(sc.ids):
+            if i in level_of:
+                by_level[level_of[i]].append(row)
+        per_method[method] = [{"level": DIFFICULTY_LEVELS[k], "n": len(r),
+                               **{m: _num(v) for m, v in subset_values(sc, r, metrics).items()}}
+                              for k, r in enumerate(by_level)]
+    return {"reference": reference, "metrics": metrics, "normalization": "per-metric min-max across the "
+            "reference's examples, averaged over the metrics; higher = easier", "ties": TIE_RULE,
+            "levels": rows, "methods": per_method}
 
 
 def _write_report(report: EvalReport, out_dir: Path, per_method: dict[str, Any] | None) -> None:
@@ -466,12 +565,21 @@ def render_markdown(report: EvalReport) -> str:
         j = info["judge"]
         how = "(s−1)/4" if j["normalize"] == "minmax" else "s/5"
         lines.append(f"- LLM judge: `{j['model']}` at {j['url']}, paper rubric (Figure 9), 1–5 normalized as {how}.")
+    impr = info.get("impr_over_nonpers")
+    if impr:
+        used = ", ".join(METRIC_LABELS.get(m, m) for m in impr["metrics"]) or "none"
+        lines.append(f"- Impr.: average relative improvement over `{impr['reference']}` (Table 12): the mean over "
+                     f"{used} of (method − {impr['reference']}) / {impr['reference']}, in %.")
     count = "dropped" if longlamp else "empty"
-    lines += ["", "## Scores", "", f"| method | n | {count} | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols)
-              + " |", "|---|---:|---:|" + "---:|" * len(cols)]
+    impr_col = [f"Impr. vs {impr['reference']}"] if impr else []
+    lines += ["", "## Scores", "", f"| method | n | {count} | " + " | ".join(
+        [METRIC_LABELS.get(c, c) for c in cols] + impr_col) + " |", "|---|---:|---:|" + "---:|" * (len(cols)
+                                                                                             + len(impr_col))]
     for name, m in report.methods.items():
-        lines.append(f"| {name} | {m['n']} | {m.get(count, 0)} | "
-                     + " | ".join(_fmt(m["metrics"].get(c)) for c in cols) + " |")
+        cells = [_fmt(m["metrics"].get(c)) for c in cols]
+        if impr:
+            cells.append(_pct(m.get("impr_over_nonpers")))
+        lines.append(f"| {name} | {m['n']} | {m.get(count, 0)} | " + " | ".join(cells) + " |")
     comps = report.comparisons
     if comps["vs_baseline"]:
         conf = f"{comps['confidence'] * 100:g}"
@@ -505,7 +613,38 @@ def render_markdown(report: EvalReport) -> str:
                     lines.append(f"| {name} | " + " | ".join(f"{_fmt(r.get(metric))} (n={r['n']})" for r in rows)
                                  + " |")
                 lines.append("")
+    lines += _difficulty_markdown(report.difficulty)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}%"
+
+
+def _difficulty_markdown(diff: dict[str, Any] | None) -> list[str]:
+    """The difficulty-levels section of report.md: one table per metric, methods by level (Table 11's layout)."""
+    if diff is None:
+        return []
+    lines = ["", "## Difficulty levels", ""]
+    if "skipped" in diff:
+        return lines + [f"Skipped: {diff['skipped']}."]
+    levels = diff["levels"]
+    used = ", ".join(METRIC_LABELS.get(m, m) for m in diff["metrics"])
+    lines += [(f"Examples ranked by `{diff['reference']}`'s per-example scores ({diff['normalization']}; {used}) "
+               f"and split into {len(levels)} levels; {diff['ties']}. Each level is scored on its examples only "
+               f"(means; BLEU corpus-level per level)."), "",
+              "| level | n | aggregated score of the reference |", "|---|---:|---|"]
+    for r in levels:
+        lines.append(f"| {r['level']} ({r['label']}) | {r['n']} | {_fmt(r['score_min'], 3)} – "
+                     f"{_fmt(r['score_max'], 3)} |")
+    lines.append("")
+    head = "| method | " + " | ".join(f"{r['level']} {r['label']}" for r in levels) + " |"
+    for metric in diff["metrics"]:
+        lines += [f"**{METRIC_LABELS.get(metric, metric)}**", "", head, "|---|" + "---:|" * len(levels)]
+        for name, rows in diff["methods"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{_fmt(r.get(metric))} (n={r['n']})" for r in rows) + " |")
+        lines.append("")
+    return lines
 
 
 def summary_lines(report: EvalReport) -> list[str]:
@@ -516,7 +655,8 @@ def summary_lines(report: EvalReport) -> list[str]:
     for name, m in report.methods.items():
         vals = "  ".join(f"{k}={_fmt(v)}" for k, v in m["metrics"].items())
         count = f"dropped={m['dropped']}" if longlamp else f"empty={m.get('empty', 0)} (scored 0)"
-        lines.append(f"{name}: n={m['n']} {count}  {vals}")
+        impr = f"  impr_over_nonpers={_pct(m['impr_over_nonpers'])}" if "impr_over_nonpers" in m else ""
+        lines.append(f"{name}: n={m['n']} {count}  {vals}{impr}")
     if longlamp:
         total = sum(m["dropped"] for m in report.methods.values())
         if total:
@@ -531,6 +671,6 @@ def summary_lines(report: EvalReport) -> list[str]:
     return lines
 
 
-__all__ = ["EMPTY_RULE", "REPORT_FILES", "EvalConfig", "EvalReport", "PredictionSet", "align_examples",
-           "check_out_dir", "check_prediction_paths", "check_references", "load_segment_tokenizer",
-           "read_prediction_file", "read_predictions", "render_markdown", "run_evaluation", "summary_lines"]
+__all__ = ["EMPTY_RULE", "REPORT_FILES", "EvalConfig", "EvalReport", "PredictionSet", "add_relative_improvement",
+           "align_examples", "check_out_dir", "check_prediction_paths", "check_references", "difficulty_report",
+           "load_segment_tokenizer", "read_prediction_file", "read_predictions", "render_markdown", "run_evaluation", "summary_lines"]
