@@ -66,15 +66,30 @@ class Predictor:
         d = self.decode
         return dict(max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature,
                     top_p=d.top_p, top_k=d.top_k, seed=seed, eos_token_id=self.eos_ids or None,
+                    repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
+                    min_new_tokens=d.min_new_tokens,
                     pad_token_id=self.pad, concurrent=d.concurrent, cpu_threads=d.cpu_threads)
 
     def encode(self, batch: Sequence[Any]) -> dict[str, Any]:
+        """Left-padded "input_ids" and "attention_mask" of the batch's prompts, plus any further tensors a method's
+        decode reads (passed to `generate` / `stream` as keywords, see `_inputs`). A model with its own
+        `encode_prompts(examples, tokenizer, data_cfg, store=...)` builds them (CoS: a second, history-free prompt;
+        LLM-TRSR: the summary in the prompt); every other model gets the data layer's prompt."""
         from .data import collate, encode_example
 
+        own = getattr(self.model, "encode_prompts", None)
+        if callable(own):
+            enc = own(batch, self.tokenizer, self.data_cfg, store=self.store)
+            return {k: v.to(self.device) for k, v in enc.items()}
         feats = [encode_example(ex, self.tokenizer, self.data_cfg, with_response=False, store=self.store)
                  for ex in batch]
         enc = collate(feats, self.pad, padding_side="left")
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    @staticmethod
+    def _inputs(enc: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(input_ids, keyword inputs: attention_mask and any method-specific tensors) of an `encode` result."""
+        return enc["input_ids"], {k: v for k, v in enc.items() if k != "input_ids"}
 
     def predict(self, batch: Sequence[Any], seed: int | None = None) -> list[str]:
         """One prediction string per example, in order (one left-padded generate call)."""
@@ -90,7 +105,8 @@ class Predictor:
         if hasattr(self.model, "last_generation_extras"):
             self.model.last_generation_extras = None
         with torch.no_grad():
-            out = self.model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **self._kwargs(seed))
+            ids, inputs = self._inputs(enc)
+            out = self.model.generate(ids, **inputs, **self._kwargs(seed))
         texts = [decode_new_tokens(row, self.tokenizer, self.eos_ids) for row in out.tolist()]
         extras = getattr(self.model, "last_generation_extras", None) or [None] * len(texts)
         return [(t, self._decode_extra(e)) for t, e in zip(texts, extras)]
@@ -112,7 +128,8 @@ class Predictor:
         enc = self.encode([example])
         ids: list[int] = []
         text = ""
-        for col in self.model.stream(enc["input_ids"], attention_mask=enc["attention_mask"], **self._kwargs(seed)):
+        ids_in, inputs = self._inputs(enc)
+        for col in self.model.stream(ids_in, **inputs, **self._kwargs(seed)):
             t = int(col[0])
             if t in self.eos_ids:
                 break
@@ -214,7 +231,8 @@ def validate_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         FlyThinkerConfig.from_dict(meta["flythinker"])
     except (ConfigError, ValueError, TypeError) as e:
         raise UserError(f"{meta_file}: {str(e).splitlines()[0]}") from None
-    weights = ["fusion.safetensors"] if meta.get("has_projection") or meta.get("calibrated") else []
+    weights = ["fusion.safetensors"] if (meta.get("has_projection") or meta.get("has_gate")
+                                              or meta.get("calibrated")) else []
     for name in _lm_dirs(meta):
         d = ckpt / name
         if not d.is_dir():
@@ -285,27 +303,42 @@ def data_fingerprint(examples: Sequence[Any], data_cfg: Any) -> str:
     return fingerprint({"examples": h.hexdigest(), "prompt": prompt})
 
 
-def decode_fingerprint(decode: DecodeConfig, dtype: str = "auto") -> str:
+def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
     """A digest of the settings that decide the decoded text: new-token budget, batch size (chunk seeding,
-    padding), the dtype flag, and for sampling its temperature, top-p, top-k and seed (greedy ignores those, so
-    changing them does not block a greedy resume). The backend (`concurrent`, threads) does not enter."""
+    padding), the dtype, and for sampling its temperature, top-p, top-k and seed (greedy ignores those, so
+    changing them does not block a greedy resume). The backend (`concurrent`, threads) does not enter.
+
+    dtype: the weights' dtype as decoded (a torch dtype or its name, e.g. "bfloat16"), so fp32 and bf16 predictions
+    never share a file; a bare "auto" is hashed as given (callers that know the device resolve it first, as
+    `run_fingerprint` does)."""
     from .safeio import fingerprint
 
     d = decode
+    if not isinstance(dtype, str):
+        from .utils import dtype_name
+
+        dtype = dtype_name(dtype)
     greedy = not d.do_sample or d.temperature == 0
     settings: dict[str, Any] = {"max_new_tokens": d.max_new_tokens, "batch_size": d.batch_size, "dtype": dtype,
                                 "greedy": greedy, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id}
     if not greedy:
         settings.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed=d.seed)
+    # The anti-repetition settings enter only when on, so fingerprints of runs from before they existed still match.
+    settings.update({k: v for k, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0),
+                                         ("min_new_tokens", 0)) if (v := getattr(d, k)) != off})
     return fingerprint(settings)
 
 
 def run_fingerprint(ckpt: str | Path, examples: Sequence[Any], data_cfg: Any, decode: DecodeConfig,
                     dtype: str = "auto") -> dict[str, str]:
     """The `run` object stored in every predictions line (see flythinker.predictions): checkpoint, data + prompt
-    settings, decode settings."""
+    settings, decode settings. `dtype` is the generate flag; "auto" is resolved to the dtype `load_checkpoint` will
+    decode in on this machine (bf16 where native, else fp32), so a resume elsewhere never mixes the two."""
+    from .utils import default_device, resolve_dtype
+
+    decoded = resolve_dtype(dtype, default_device(), field="--dtype")
     return {"checkpoint": checkpoint_fingerprint(ckpt), "data": data_fingerprint(examples, data_cfg),
-            "decode": decode_fingerprint(decode, dtype)}
+            "decode": decode_fingerprint(decode, decoded)}
 
 
 def checkpoint_method(ckpt: Path) -> str:
@@ -326,19 +359,16 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
 
     The directory is checked first (`validate_checkpoint`); whatever loading still raises (transformers,
     safetensors, torch) becomes one UserError naming the checkpoint."""
-    import torch
-
     from .methods import get_method
-    from .utils import autocast_dtype, default_device
+    from .utils import default_device, resolve_dtype
 
     ckpt = Path(ckpt)
     validate_checkpoint(ckpt)
     method = get_method(checkpoint_method(ckpt))
     device = default_device()
-    if dtype == "auto":
-        torch_dtype = autocast_dtype(device)
-    else:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    # auto: bf16 weights where the device computes bf16 natively (utils.native_bf16), else fp32, whatever dtype the
+    # checkpoint was saved in; the run fingerprint records the same resolution.
+    torch_dtype = resolve_dtype(dtype, device, field="--dtype")
     try:
         model = method.load(ckpt, dtype=torch_dtype)
     except UserError:

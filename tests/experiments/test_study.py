@@ -59,3 +59,40 @@ def test_variants_and_ablation_points_are_override_lists():
         from_dict(StudyConfig, {"variants": [{"name": "x", "overrides": {"model.fusion.lamda": 1}}]})
     with pytest.raises(ConfigError, match="must start with"):
         from_dict(StudyConfig, {"variants": [{"name": "x", "overrides": {"lam": 1}}]})
+
+
+def test_tune_pool_and_reported_examples_are_disjoint_slices_of_one_shuffle():
+    """tune_examples holds out the first N of the seeded dev shuffle for choosing settings (the ablations score
+    there); the reported comparison takes the next eval_examples. 0 keeps the earlier plan exactly."""
+    from flythinker.config import from_dict
+    from flythinker.experiments.study import StudyConfig, _sample, dev_pools
+    from flythinker.utils import UserError
+
+    dev = list(range(50))
+    tune, rep = dev_pools(dev, from_dict(StudyConfig, {"tune_examples": 10, "eval_examples": 30, "seed": 3}))
+    assert len(tune) == 10 and len(rep) == 30 and not set(tune) & set(rep)
+    assert tune + rep == _sample(dev, 40, 3)
+    tune0, rep0 = dev_pools(dev, from_dict(StudyConfig, {"tune_examples": 0, "eval_examples": 30, "seed": 3}))
+    assert tune0 == [] and rep0 == _sample(dev, 30, 3)  # what studies before tune_examples reported
+    _, everything = dev_pools(dev, from_dict(StudyConfig, {"tune_examples": 45, "eval_examples": 0}))
+    assert len(everything) == 5
+    with pytest.raises(UserError, match="tune_examples"):
+        from_dict(StudyConfig, {"tune_examples": -1})
+
+
+def test_a_setting_added_later_at_its_default_does_not_invalidate_a_finished_run():
+    """Regression: a study folder trained before a new setting existed (e.g. model.fusion.gate) was refused by a
+    newer flythinker (`(unset) -> "none"`), although the default is the old behaviour. A non-default value, or a
+    changed existing one, is still a difference."""
+    from flythinker.training.checkpoint import identity_difference
+
+    saved = {"config": {"model": {"fusion": {"lam": 0.5}}}, "data": "d", "world_size": 1, "fingerprint": "old"}
+    now = {"config": {"model": {"fusion": {"lam": 0.5, "gate": "none"}}}, "data": "d", "world_size": 1,
+           "examples": 1, "fingerprint": "new"}
+    defaults = {"model": {"fusion": {"lam": 0.5, "gate": "none"}}}
+    assert identity_difference(saved, now, defaults=defaults) == []
+    assert identity_difference(saved, now) == ['model.fusion.gate (unset) -> "none"']
+    now["config"]["model"]["fusion"]["gate"] = "scalar"
+    assert identity_difference(saved, now, defaults=defaults) == ['model.fusion.gate (unset) -> "scalar"']
+    now["config"]["model"]["fusion"].update(gate="none", lam=0.2)
+    assert identity_difference(saved, now, defaults=defaults) == ["model.fusion.lam 0.5 -> 0.2"]

@@ -3,7 +3,9 @@
 
 Every registered method is built around the same Generator (and Reasoner, for methods that use one) through the
 method registry, fed the same examples, and timed interleaved round-robin (run 1 of every method, then run 2, ...),
-reporting medians, so background load hits all methods alike. Beside each measured ratio to SFT stands the ratio
+reporting medians, so background load hits all methods alike. Training can be timed at several precisions (fp32, bf16
+autocast with fp32 master weights), interleaved the same way: one row per method and precision, each ratio to SFT taken
+at the same precision. Beside each measured ratio to SFT stands the ratio
 Table 8's cost model predicts from N1 (response tokens), N2 (the method's extra sequential steps: reasoning tokens,
 latent thoughts, Reasoner steps) and the per-token costs C_G, C_R (`flythinker.flops`).
 
@@ -19,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from ..utils import UserError
+from .bench_train import precision_autocast
 
 
 @dataclass
@@ -34,6 +38,7 @@ class MethodBench:
     """One method's row."""
 
     method: str
+    precision: str = "fp32"
     train_s_per_step: float | None = None
     train_s_per_epoch: float | None = None
     decode_ms_per_response_token: float | None = None
@@ -92,8 +97,9 @@ def predicted_ratio(method: str, n1: float, n2: float, c_g: int, c_r: int) -> fl
     return (n1 * c_g + n2 * c_g) / (n1 * c_g)
 
 
-def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward during one training forward (distinct storages)."""
+def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], precision: str = "fp32") -> int:
+    """Bytes of the tensors autograd saves for backward during one training forward (distinct storages) at
+    `precision` (bf16 autocast saves bf16 activations)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -105,7 +111,7 @@ def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision_autocast(precision, "cpu"):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     out.loss_sum.backward()
     model.zero_grad(set_to_none=True)
@@ -145,20 +151,31 @@ def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, 
 
 
 def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int, n_examples: int,
-                      new_tokens: int, threads: int, seed: int = 0, log=print) -> dict[str, Any]:
-    """Train and/or decode timing of `methods` (what: "train", "decode" or "both"); returns the JSON summary."""
+                      new_tokens: int, threads: int, seed: int = 0, log=print,
+                      precision: Sequence[str] = ("fp32",)) -> dict[str, Any]:
+    """Train and/or decode timing of `methods` (what: "train", "decode" or "both"); returns the JSON summary.
+
+    precision: the training precisions (fp32, bf16), timed interleaved with the methods; one row per method and
+    precision. Decoding is timed in fp32 only, so a list other than ["fp32"] needs what="train"."""
     from ..data import DataConfig, collate, encode_example
     from ..methods import get_method
     from ..methods.flythinker.decode import per_token_macs
     from ..methods.flythinker.model import FlyThinker
     from .bench_decode import _load
 
+    precisions = list(precision)
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions) or len(set(precisions)) < len(precisions):
+        raise UserError(f"bench: precision must be fp32 and/or bf16, each once; got {','.join(precisions)}")
+    if what != "train" and precisions != ["fp32"]:
+        raise UserError("bench: a training precision other than fp32 applies to bench train only")
+    p0 = precisions[0]
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if "sft" not in methods:
         methods = ["sft", *methods]  # every ratio is to SFT
     for name in methods:
-        get_method(name)  # an unknown name fails before any model loads
+        if getattr(get_method(name), "model_free", False):  # an unknown name also fails here, before any model loads
+            raise UserError(f"bench --methods: {name} runs no model, so there is nothing to time")
     generator, reasoner, tokenizer = _load(model_kind)
     if tokenizer is None:
         from ..testing import tiny_tokenizer
@@ -173,8 +190,9 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
     data = DataConfig(k=2, profile_tokens=min(256, ctx // 4), query_tokens=min(64, ctx // 16),
                       target_tokens=max(8, new_tokens))
     examples = _examples(n_examples, seed)
-    rows = {name: MethodBench(name, macs_generator=c_g, macs_reasoner=c_r if name == "flythinker" else 0)
-            for name in methods}
+    keys = [(name, p) for name in methods for p in precisions]
+    rows = {(name, p): MethodBench(name, p, macs_generator=c_g, macs_reasoner=c_r if name == "flythinker" else 0)
+            for name, p in keys}
 
     if what in ("train", "both"):
         feats = {name: get_method(name).features(examples, tokenizer, get_method(name).data_config(data))
@@ -183,33 +201,36 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
                    for name in methods}
         opts = {name: torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-7)
                 for name in methods}
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        log(f"bench train: {len(methods)} methods x {runs} runs x {n_examples} examples (interleaved)")
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+        log(f"bench train: {len(methods)} methods x {len(precisions)} precisions x {runs} runs x {n_examples} "
+            f"examples (interleaved)")
         for r in range(runs + 1):                      # run 0 is the warm-up
-            for name in methods:
-                model, opt = models[name], opts[name]
+            for name, prec in keys:
+                model, opt = models[name], opts[name]  # one AdamW per method: its state is fp32 at any precision
                 model.train()
                 t0 = time.perf_counter()
                 for b in batches[name]:
-                    out = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                    with precision_autocast(prec, "cpu"):
+                        out = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
                     (out.loss_sum / out.n_tokens.clamp_min(1)).backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 if r:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name, prec].append(time.perf_counter() - t0)
         sft_tokens = sum(len(_ids(f)) for f in feats["sft"])
-        for name in methods:
+        for name, prec in keys:
+            row = rows[name, prec]
             g_pos = sum(len(_ids(f)) + _extra_positions(models[name], f) for f in feats[name])
             r_pos = sum(len(_ids(f)) for f in feats[name]) if get_method(name).uses_reasoner else 0
-            rows[name].train_predicted = (g_pos * c_g + r_pos * c_r) / max(1, sft_tokens * c_g)
-            epoch = statistics.median(times[name])
-            rows[name].train_s_per_epoch = epoch
-            rows[name].train_s_per_step = epoch / len(batches[name])
+            row.train_predicted = (g_pos * c_g + r_pos * c_r) / max(1, sft_tokens * c_g)
+            epoch = statistics.median(times[name, prec])
+            row.train_s_per_epoch = epoch
+            row.train_s_per_step = epoch / len(batches[name])
             b = batches[name][0]
-            rows[name].memory.update(
+            row.memory.update(
                 parameters=_param_bytes(models[name]),
                 optimizer=2 * sum(p.numel() * 4 for p in models[name].parameters() if p.requires_grad),
-                activations=_activation_bytes(models[name], b))
+                activations=_activation_bytes(models[name], b, prec))
 
     if what in ("decode", "both"):
         prompts = [torch.tensor([encode_example(ex, tokenizer, get_method(name).data_config(data),
@@ -234,35 +255,40 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
                 n2[name] = float(e.get("reasoning_tokens", e.get("latent_steps", e.get("thought_steps", 0))))
                 if name == "flythinker":
                     n2[name] = float(out.shape[1])  # one Reasoner step beside every Generator step
-                rows[name].response_tokens = int(out.shape[1])
+                rows[name, p0].response_tokens = int(out.shape[1])
         for name in methods:
+            row = rows[name, p0]
             total = statistics.median(times[name])
-            rows[name].decode_s_total = total
-            rows[name].decode_ms_per_response_token = 1000 * total / max(1, rows[name].response_tokens)
-            rows[name].extra_steps = n2.get(name, 0.0)
+            row.decode_s_total = total
+            row.decode_ms_per_response_token = 1000 * total / max(1, row.response_tokens)
+            row.extra_steps = n2.get(name, 0.0)
             lms = [lm for lm in _parts(models[name]) if lm is not None]
             tokens = ids.shape[1] + new_tokens + int(n2.get(name, 0) if name != "flythinker" else 0)
-            rows[name].memory["kv_cache"] = sum(kv_cache_bytes(lm, tokens, 1) for lm in lms)
-            rows[name].memory.setdefault("parameters", _param_bytes(models[name]))
+            row.memory["kv_cache"] = sum(kv_cache_bytes(lm, tokens, 1) for lm in lms)
+            row.memory.setdefault("parameters", _param_bytes(models[name]))
 
-    sft = rows["sft"]
     table = []
-    for name in methods:
-        r = rows[name]
+    for name, prec in keys:
+        r, sft = rows[name, prec], rows["sft", prec]  # ratios to SFT at the same precision
         n1 = r.response_tokens or new_tokens
-        row = {"method": name, "train_s_per_step": r.train_s_per_step, "train_s_per_epoch": r.train_s_per_epoch,
+        row = {"method": name, "precision": prec, "train_s_per_step": r.train_s_per_step,
+               "train_s_per_epoch": r.train_s_per_epoch,
                "decode_ms_per_response_token": r.decode_ms_per_response_token, "decode_s_total": r.decode_s_total,
                "response_tokens": r.response_tokens, "extra_steps_n2": r.extra_steps,
                "memory_bytes": r.memory, "memory_kind": r.memory_kind}
         if r.train_s_per_step and sft.train_s_per_step:
             row["train_ratio_to_sft"] = r.train_s_per_step / sft.train_s_per_step
             row["train_ratio_predicted"] = r.train_predicted
+        fp32 = rows.get((name, "fp32"))
+        if prec != "fp32" and fp32 is not None and r.train_s_per_step and fp32.train_s_per_step:
+            row["train_ratio_to_fp32"] = r.train_s_per_step / fp32.train_s_per_step
         if r.decode_s_total and sft.decode_s_total:
             row["decode_ratio_to_sft"] = r.decode_s_total / sft.decode_s_total
             row["decode_ratio_predicted"] = predicted_ratio(name, n1, r.extra_steps, c_g, c_r)
         table.append(row)
     return {"model": model_kind, "threads": threads, "runs": runs, "examples": n_examples, "new_tokens": new_tokens,
-            "macs_generator": c_g, "macs_reasoner": c_r, "device": "cpu", "rows": table}
+            "macs_generator": c_g, "macs_reasoner": c_r, "device": "cpu", "precisions": precisions,
+            "weights_dtype": "float32", "rows": table}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -272,13 +298,16 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"methods benchmark: model={result['model']} threads={result['threads']} runs={result['runs']} "
           f"C_G={result['macs_generator'] / 1e6:.1f}M C_R={result['macs_reasoner'] / 1e6:.1f}M MACs/token; "
           f"memory = tensor accounting")
-    print(f"{'method':<12}{'train s/step':>13}{'x SFT':>7}{'Tab. 8':>8}{'ms/resp tok':>12}{'x SFT':>7}{'Tab. 8':>8}"
-          f"{'N2':>6}"
+    print(f"{'method':<12}{'prec':<6}{'train s/step':>13}{'x SFT':>7}{'Tab. 8':>8}{'ms/resp tok':>12}{'x SFT':>7}"
+          f"{'Tab. 8':>8}{'N2':>6}"
           f"{'params MB':>10}{'optim MB':>9}{'activ MB':>9}{'KV MB':>7}")
     for r in result["rows"]:
         m = r["memory_bytes"]
-        mb = (lambda k: f"{m[k] / 2**20:.1f}" if k in m else "-")  # noqa: E731
-        print(f"{r['method']:<12}{f(r['train_s_per_step']):>13}{f(r.get('train_ratio_to_sft'), 2):>7}"
+        def mb(k: str, m: dict[str, int] = m) -> str:
+            return f"{m[k] / 2**20:.1f}" if k in m else "-"
+
+        print(f"{r['method']:<12}{r.get('precision', 'fp32'):<6}{f(r['train_s_per_step']):>13}"
+              f"{f(r.get('train_ratio_to_sft'), 2):>7}"
               f"{f(r.get('train_ratio_predicted'), 2):>8}"
               f"{f(r['decode_ms_per_response_token'], 1):>12}{f(r.get('decode_ratio_to_sft'), 2):>7}"
               f"{f(r.get('decode_ratio_predicted'), 2):>8}{r['extra_steps_n2']:>6.0f}{mb('parameters'):>10}"
@@ -297,10 +326,14 @@ def plot(result: dict[str, Any], path: str) -> str:
 
     rows = result["rows"]
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, ratio, title in ((axes[0], "train_s_per_step", "train_ratio_to_sft", "training (s / step)"),
-                                  (axes[1], "decode_s_total", "decode_ratio_to_sft",
-                                   f"decoding ({result['new_tokens']} response tokens, s)")):
+    panels = [(key, ratio, title) for key, ratio, title in (
+        ("train_s_per_step", "train_ratio_to_sft", "training (s / step)"),
+        ("decode_s_total", "decode_ratio_to_sft", f"decoding ({result['new_tokens']} response tokens, s)"))
+        if any(r.get(key) for r in rows)]  # `bench train` measures one panel, `bench decode` the other
+    if not panels:
+        raise UserError("nothing to plot: the benchmark measured neither training nor decoding")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, ratio, title) in zip(axes[0], panels):
         vals = [r.get(key) or 0 for r in rows]
         bars = ax.bar(names, vals, color=["#999" if n == "sft" else "#c44" if n == "flythinker" else "#48c"
                                           for n in names])

@@ -4,7 +4,8 @@ A row is a registered method (`flythinker.methods.METHODS`) plus dotted override
 (`MethodSpec`), so every row goes through ONE trainer (`training.loop.fit`) and ONE predictor
 (`inference.Predictor`) with the same prompts, decoding and seed. `flythinker demo` and `flythinker study` are both
 built on `run_method`. Work is cached per row folder: a finished training (final/) or prediction file is reused, and
-an interrupted one resumes, so long studies survive a kill.
+an interrupted one resumes, so long studies survive a kill. A model-free method (`Method.model_free`, the copy
+floors) writes its predictions through the same writer without any model, and has no cost to measure.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS, Method, ModelArgs, get_method
 from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
-from ..utils import UserError
+from ..utils import UserError, resolve_dtype
 
 SECTIONS = ("model", "data", "train")
 
@@ -55,6 +56,10 @@ class MethodSpec:
     @property
     def trained(self) -> bool:
         return self.impl.trained
+
+    @property
+    def model_free(self) -> bool:
+        return getattr(self.impl, "model_free", False)
 
     def section(self, name: str) -> dict[str, Any]:
         return {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.split(".", 1)[0] == name}
@@ -102,8 +107,10 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     folder = Path(out_dir) / _slug(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     data_cfg = spec.data_config(data)
-    margs = spec.model_args(model_args)
     result = MethodResult(spec.name, spec.method, folder / "predictions.jsonl")
+    if spec.model_free:
+        return _run_model_free(spec, eval_examples, data_cfg, result, progress, log)
+    margs = spec.model_args(model_args)
     timing_file = folder / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
@@ -137,13 +144,17 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
         result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
         result.train_steps = timing.get("train_steps", 0)
         result.train_losses = timing.get("train_losses", [])
-    model.eval()
+    # Decode as `flythinker generate --dtype auto` decodes the saved final/: bf16 weights where the hardware runs
+    # bf16 natively, fp32 elsewhere (training kept fp32 master weights). The resolved dtype is in the fingerprint,
+    # so a resumed study never mixes fp32 and bf16 predictions in one file.
+    decode_dtype = resolve_dtype("auto", next(model.parameters()).device)
+    model.to(decode_dtype).eval()
 
     fn = Predictor(model, tok, data_cfg, decode).batch_fn([e.id for e in eval_examples])
     # Fingerprints in every line: a re-run with another model, data or decode settings is refused, not mixed in.
     run = {"checkpoint": checkpoint_fingerprint(final) if spec.trained
            else fingerprint({"method": spec.method, "model": to_dict(margs)}),
-           "data": data_fingerprint(eval_examples, data_cfg), "decode": decode_fingerprint(decode)}
+           "data": data_fingerprint(eval_examples, data_cfg), "decode": decode_fingerprint(decode, decode_dtype)}
     t0 = time.perf_counter()
     stats = generate_predictions(list(eval_examples), fn, result.predictions, batch_size=decode.batch_size,
                                  method=spec.name, progress=progress, run=run)
@@ -154,23 +165,50 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     return result
 
 
+def _run_model_free(spec: MethodSpec, eval_examples: Sequence[Example], data_cfg: DataConfig,
+                    result: MethodResult, progress: bool, log) -> MethodResult:
+    """`run_method` for a model-free method: its `predict_texts` through the same resumable predictions writer,
+    fingerprinted like every row (the method stands for the checkpoint; there is no decoding to fingerprint). No
+    model is built and no cost is recorded (train s/step and decode ms/token stay None)."""
+    from ..inference import data_fingerprint
+    from ..predictions import generate_predictions
+    from ..safeio import fingerprint
+
+    impl = spec.impl
+    run = {"checkpoint": fingerprint({"method": spec.method}), "data": data_fingerprint(eval_examples, data_cfg),
+           "decode": fingerprint({"model_free": spec.method})}
+    stats = generate_predictions(list(eval_examples), lambda batch: impl.predict_texts(batch, data_cfg),
+                                 result.predictions, batch_size=64, method=spec.name, progress=progress, run=run)
+    log(f"[{spec.name}] {stats.written} predictions written ({stats.skipped} reused) -> {result.predictions}")
+    return result
+
+
 def _check_finished_run(spec: MethodSpec, train_dir: Path, cfg: dict[str, Any], targs: TrainArgs,
                         train_examples: Sequence[Example], tok: Any, data_cfg: DataConfig,
                         margs: ModelArgs) -> None:
     """A finished training is reused only when it is this row's run (same settings and data as now); otherwise a
     one-line error naming what changed, so a changed study config never silently reuses an old model."""
     from ..training.checkpoint import identity_difference, read_run_record, run_identity
+    from ..training.loop import resolve_precision
 
     feats = spec.impl.features(train_examples, tok, data_cfg, args=margs)
-    now = run_identity(cfg, to_dict(targs), feats, world_size=1)
+    now = run_identity(cfg, {**to_dict(targs), "precision": resolve_precision(targs.precision)}, feats, world_size=1)
     saved = read_run_record(train_dir)
     if saved is None:
         raise UserError(f"{train_dir}: a finished training without run.json (written by an older flythinker?), so "
                         f"it cannot be checked against row {spec.name!r}; delete {train_dir.parent} to retrain it")
-    if saved.get("fingerprint") != now["fingerprint"]:
-        diff = "; ".join(identity_difference(saved, now)) or "settings differ"
+    diffs = identity_difference(saved, now, defaults=_setting_defaults()) \
+        if saved.get("fingerprint") != now["fingerprint"] else []
+    if diffs:
+        diff = "; ".join(diffs)
         raise UserError(f"{train_dir} was trained with other settings than row {spec.name!r} now has ({diff}); "
                         f"delete {train_dir.parent} to retrain it, or use another study out folder")
+
+
+def _setting_defaults() -> dict[str, Any]:
+    """The default model / data / train settings: what a run record written before a setting existed is compared
+    with (see `training.checkpoint.identity_difference`)."""
+    return {"model": to_dict(ModelArgs()), "data": to_dict(DataConfig()), "train": to_dict(TrainArgs())}
 
 
 def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
@@ -181,18 +219,23 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
 
     The per-method figure measured right after that method's generation compares moments minutes apart, and on a
     shared or virtualised machine the speed drifts in between; interleaving makes the ratio to SFT a paired
-    measurement. Cached in out_dir/decode_timing.json (reused when it covers every method)."""
+    measurement. Cached in out_dir/decode_timing.json (reused when it covers every method). Model-free rows (the
+    copy floors) decode nothing: they are skipped and keep decode_ms_per_token None."""
     from .timing import time_configs
 
+    pairs = [(spec, res) for spec, res in zip(specs, results) if not spec.model_free]
+    results = [res for _, res in pairs]
+    if not results:
+        return
     cache = Path(out_dir) / "decode_timing.json"
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if not all(r.name in saved.get("ms_per_token", {}) for r in results):
         configs, prompts = [], []
-        for spec, res in zip(specs, results):
+        for spec, res in pairs:
             model = (spec.impl.load(res.predictions.parent / "train" / "final") if spec.trained
                      else load_method_model(spec, model_args)[0])
             ids = encode_example(example, tokenizer, spec.data_config(data), with_response=False)["prompt_ids"]
-            configs.append((model.eval(), None, {}))
+            configs.append((model.to(resolve_dtype("auto", next(model.parameters()).device)).eval(), None, {}))
             prompts.append(torch.tensor([ids]))
         log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")
         timed = time_configs(configs, prompts, new_tokens, runs)
@@ -208,7 +251,8 @@ def _slug(name: str) -> str:
 
 
 def efficiency_table(results: Sequence[MethodResult], baseline: str = "SFT") -> list[dict[str, Any]]:
-    """Training s/step and decode ms/token per method, each also as a ratio to the baseline's."""
+    """Training s/step and decode ms/token per method, each also as a ratio to the baseline's (None where a figure
+    is missing: an untrained row has no s/step, a model-free row neither figure)."""
     base = next((r for r in results if r.name == baseline), None)
     rows = []
     for r in results:

@@ -109,7 +109,12 @@ class StudyConfig:
     train_examples: int = 400
     """Training examples per split (first N of a seeded shuffle of train)."""
     eval_examples: int = 100
-    """Dev examples per split (first N of a seeded shuffle of dev)."""
+    """Reported dev examples per split: N of a seeded shuffle of dev, after the tune_examples."""
+    tune_examples: int = 0
+    """Dev examples per split held out for choosing settings: the first N of the seeded shuffle. The ablations
+    score on these only and the reported comparison never sees them, so a setting picked on the ablations is judged
+    on examples it was not picked on (0: no held-out pool; the ablations then score on the first of the reported
+    examples, as studies before this field did)."""
     seed: int = 0
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +124,8 @@ class StudyConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.tune_examples, bool) or not isinstance(self.tune_examples, int) or self.tune_examples < 0:
+            raise UserError(f"tune_examples must be an integer >= 0; got {self.tune_examples!r}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
@@ -177,8 +184,20 @@ def check_plan(cfg: StudyConfig) -> dict[str, tuple[list, list]]:
         train, dev = load_examples(train_file), load_examples(dev_file)
         if not train or not dev:
             raise UserError(f"{root}/{split}: {'train' if not train else 'dev'} has no examples")
-        plan[split] = (_sample(train, cfg.train_examples, cfg.seed), _sample(dev, cfg.eval_examples, cfg.seed))
+        reported = dev_pools(dev, cfg)[1]
+        if not reported:
+            raise UserError(f"{root}/{split}: dev has {len(dev)} examples, all of them in the tune_examples "
+                            f"({cfg.tune_examples}) pool; nothing is left to report")
+        plan[split] = (_sample(train, cfg.train_examples, cfg.seed), reported)
     return {s: plan[s] for s in cfg.splits}
+
+
+def dev_pools(dev, cfg: StudyConfig) -> tuple[list, list]:
+    """(tune pool, reported examples) of one split's dev: disjoint slices of one seeded shuffle."""
+    rows = _sample(dev, 0, cfg.seed)
+    tune = rows[: cfg.tune_examples]
+    rest = rows[cfg.tune_examples:]
+    return tune, (rest[: cfg.eval_examples] if cfg.eval_examples > 0 else rest)
 
 
 def run_study(cfg: StudyConfig, log=print) -> dict:
@@ -243,7 +262,9 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     ab = cfg.ablation
     train_file, dev_file = _split_files(Path(cfg.data_root), ab.split)
     train = _sample(load_examples(train_file), ab.train_examples, cfg.seed)
-    dev = _sample(load_examples(dev_file), ab.eval_examples, cfg.seed)
+    all_dev = load_examples(dev_file)
+    # With a tune pool the ablations (where settings get chosen) score on it alone, never on reported examples.
+    dev = (dev_pools(all_dev, cfg)[0] if cfg.tune_examples > 0 else _sample(all_dev, 0, cfg.seed))[: ab.eval_examples]
     decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
     out = Path(cfg.out) / "ablations"
     points = [(axis, value, p.spec()) for axis, value, p in ab.all_points()]
@@ -254,7 +275,9 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
                          decode, out, progress=cfg.train.progress, log=log)
         nll_file = res.predictions.parent / "dev_nll.json"
         nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
-        if "init_dev_nll" not in nlls or "dev_nll" not in nlls:
+        if spec.model_free:  # a copy floor has no model, so no NLL: its row has the generation metrics only
+            nlls = {"init_dev_nll": None, "dev_nll": None}
+        elif "init_dev_nll" not in nlls or "dev_nll" not in nlls:
             data_cfg = spec.data_config(cfg.data)
             dev_feats = spec.impl.features(dev, tok, data_cfg, args=spec.model_args(cfg.model))
             # Dev NLL of the UNtrained fused model: how much fusion at this setting perturbs the pretrained
@@ -300,10 +323,15 @@ def render_summary(summary: dict, metrics) -> str:
 
     lines = ["# Study summary", ""]
     for split, s in summary.get("splits", {}).items():
+        # Table 12's "Impr.": mean relative gain over Non-personalized across the metrics, when that row is present
+        impr = any(m.get("impr_over_nonpers") is not None for m in s["metrics"].values())
         lines += [f"## {split} split ({s['train_examples']} train / {s['eval_examples']} dev examples)", "",
-                  "| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+                  "| method | " + " | ".join(metrics) + (" | Impr. vs Non-pers |" if impr else " |"),
+                  "|---|" + "---|" * (len(metrics) + impr)]
         for name, m in s["metrics"].items():
-            lines.append(f"| {name} | " + " | ".join(f(m["metrics"].get(k)) for k in metrics) + " |")
+            gain = m.get("impr_over_nonpers")
+            cell = (" | " + ("-" if gain is None else f"{gain:+.2f}%")) if impr else ""
+            lines.append(f"| {name} | " + " | ".join(f(m["metrics"].get(k)) for k in metrics) + cell + " |")
         lines += ["", "Paired bootstrap 95% CI of each method minus the baseline:", "",
                   "| comparison | metric | diff | 95% CI |", "|---|---|---|---|"]
         comps = s.get("comparisons") or {}
