@@ -67,7 +67,7 @@ class Predictor:
         return dict(max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature,
                     top_p=d.top_p, top_k=d.top_k, seed=seed, eos_token_id=self.eos_ids or None,
                     repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
-                    min_new_tokens=d.min_new_tokens,
+                    min_new_tokens=d.min_new_tokens, penalty_scope=d.penalty_scope,
                     pad_token_id=self.pad, concurrent=d.concurrent, cpu_threads=d.cpu_threads)
 
     def encode(self, batch: Sequence[Any]) -> dict[str, Any]:
@@ -325,7 +325,8 @@ def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
         settings.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed=d.seed)
     # The anti-repetition settings enter only when on, so fingerprints of runs from before they existed still match.
     settings.update({k: v for k, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0),
-                                         ("min_new_tokens", 0)) if (v := getattr(d, k)) != off})
+                                         ("min_new_tokens", 0), ("penalty_scope", "all"))
+                     if (v := getattr(d, k)) != off})
     return fingerprint(settings)
 
 

@@ -383,3 +383,37 @@ def test_the_predictor_passes_the_settings_to_generate(models):
     decode = DecodeConfig(max_new_tokens=4, repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=2)
     kw = Predictor(FlyThinker(models[0], None), tiny_tokenizer(), None, decode)._kwargs(seed=0)
     assert (kw["repetition_penalty"], kw["no_repeat_ngram_size"], kw["min_new_tokens"]) == (1.2, 3, 2)
+
+
+def test_response_scope_penalizes_only_generated_tokens(models):
+    """penalty_scope="response": the repetition penalty and the n-gram ban see the generated tokens only, so words
+    of the prompt (a user's history) stay free to reuse. Equals a reference greedy loop that runs transformers'
+    processors on the generated ids alone."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    gen = models[0]
+    model = FlyThinker(gen, None)
+    ids, mask = _prompts((10, 7))
+    # Prompts that end with what plain greedy would write next, so "all" scope has prompt tokens to penalize.
+    plain = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[], pad_token_id=PAD)
+    ids, mask = torch.cat([ids, plain], dim=1), torch.cat([mask, torch.ones_like(plain)], dim=1)
+    out = model.generate(ids, mask, max_new_tokens=N, eos_token_id=[], pad_token_id=PAD,
+                         penalty_scope="response", **ANTI)
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(ANTI["repetition_penalty"]),
+                                 NoRepeatNGramLogitsProcessor(ANTI["no_repeat_ngram_size"])])
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b] == 1][None]                                                 # (1, T_b)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(N):
+                seq = torch.cat([row, torch.tensor([new], dtype=torch.long)], dim=1) if new else row
+                logits = gen(seq).logits[:, -1].float()                                  # (1, V)
+                if new:
+                    logits = procs(torch.tensor([new]), logits)
+                new.append(int(logits.argmax(-1)))
+        assert out[b].tolist() == new
+        assert not _loops(new, ANTI["no_repeat_ngram_size"])
+    full = model.generate(ids, mask, max_new_tokens=N, eos_token_id=[], pad_token_id=PAD, **ANTI)
+    assert not torch.equal(out, full)  # the prompt's tokens matter in "all" scope
+    with pytest.raises(ValueError, match="penalty_scope"):
+        DecodeConfig(penalty_scope="prompt")

@@ -52,6 +52,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="ban any n-gram of this size from occurring twice (0 = off)")
     parser.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens,
                         help="no EOS before this many new tokens (0 = off)")
+    parser.add_argument("--penalty-scope", default=d.penalty_scope, choices=("all", "response"),
+                        help="what the repetition penalty and n-gram ban look at: prompt and output (all) or the "
+                             "generated tokens only (response)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype for decoding; auto: bf16 where the hardware computes it natively (a "
                              "CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; float32 for exact "
@@ -76,7 +79,8 @@ def decode_config(args: argparse.Namespace):
         return DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                            no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
+                            penalty_scope=args.penalty_scope)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .loop import CausalLMStepper, PromptState
 from .sampling import (
+    NO_TOKEN,
     DecodeConfig,
     apply_processors,
     build_logits_processor,
@@ -336,6 +337,8 @@ class _History:
 
     def __init__(self, cfg: DecodeConfig, prompt_ids: torch.Tensor, eos_ids: Sequence[int], device: torch.device):
         self.ids = prompt_ids.reshape(1, -1).to(device=device, dtype=torch.long)                 # (1, T_i)
+        if cfg.penalty_scope == "response":  # the prompt counts for its length only (min_new_tokens)
+            self.ids = torch.full_like(self.ids, NO_TOKEN)
         self.procs = build_logits_processor(cfg, eos_ids, self.ids.shape[1], device)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

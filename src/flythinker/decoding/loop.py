@@ -188,7 +188,8 @@ def _stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
             # The running sequence the processors read: prompt (padding as NO_TOKEN, so it counts for nothing)
             # then each picked column; seq[:, : T + t] is what step t sees.
             seq = torch.full((B, T + cfg.max_new_tokens), NO_TOKEN, dtype=torch.long, device=dev)  # (B, T + N)
-            seq[:, :T] = input_ids.to(dev).masked_fill(attention_mask.to(dev) == 0, NO_TOKEN)
+            if cfg.penalty_scope == "all":  # "response": the prompt stays NO_TOKEN, so only new tokens count
+                seq[:, :T] = input_ids.to(dev).masked_fill(attention_mask.to(dev) == 0, NO_TOKEN)
     try:
         if streamer is not None:
             streamer.put(input_ids.detach().cpu())

@@ -50,6 +50,11 @@ class DecodeConfig:
     """Never generate an n-gram of this many tokens that already occurs in the prompt or output (0 = off)."""
     min_new_tokens: int = 0
     """EOS cannot be picked before this many new tokens per row (0 = off)."""
+    penalty_scope: str = "all"
+    """What repetition_penalty and no_repeat_ngram_size look at: "all" (prompt and output, as transformers'
+    generate does) or "response" (the generated tokens only). For personalization "response" is the one that stops
+    loops without also penalizing the words of the user's history that the prompt shows, which are the words a
+    personalized answer should reuse."""
     seed: int | None = None
     """Seeds a private torch.Generator so sampling is reproducible across runs and backends (None: global RNG)."""
     eos_token_id: int | list[int] | None = None
@@ -67,6 +72,8 @@ class DecodeConfig:
     decodes the batch it is given."""
 
     def __post_init__(self) -> None:
+        if self.penalty_scope not in ("all", "response"):
+            raise ValueError(f"penalty_scope must be 'all' or 'response'; got {self.penalty_scope!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer; got {self.max_new_tokens!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
