@@ -24,6 +24,8 @@ def pytest_configure(config):
     # "auto" would pick bf16 on a bf16-capable CPU or GPU. Tests of the bf16 path set it to 1 with monkeypatch.
     # Subprocesses (integration tests) inherit it.
     os.environ["FLYTHINKER_NATIVE_BF16"] = "0"
+    # "auto" decodes follow the fixed backend rule (no timing, no cache file); tests of the calibration enable it.
+    os.environ["FLYTHINKER_DECODE_CALIBRATE"] = "0"
 
 
 @pytest.fixture(scope="session")

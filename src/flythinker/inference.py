@@ -50,12 +50,13 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, data_cfg: Any = None, decode: DecodeConfig | None = None,
-                        dtype: str = "auto") -> Predictor:
-        """Load `ckpt` (see `load_checkpoint`); prompt settings default to the checkpoint's training ones."""
+                        dtype: str = "auto", reasoner_device: str = "") -> Predictor:
+        """Load `ckpt` (see `load_checkpoint`, which places the Reasoner on `reasoner_device` when given); prompt
+        settings default to the checkpoint's training ones."""
         from .config import from_dict
         from .data import DataConfig
 
-        model, tok = load_checkpoint(ckpt, dtype)
+        model, tok = load_checkpoint(ckpt, dtype, reasoner_device=reasoner_device)
         if data_cfg is None:
             saved = checkpoint_train_config(Path(ckpt)).get("data")
             data_cfg = from_dict(DataConfig, dict(saved) if isinstance(saved, dict) else {},
@@ -354,9 +355,10 @@ def checkpoint_method(ckpt: Path) -> str:
     return "flythinker" if isinstance(meta, dict) and meta.get("has_reasoner") else "sft"
 
 
-def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
+def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str = ""):
     """The checkpoint's method `load`s it (see `checkpoint_method`) on the default device, in eval mode, with its
-    tokenizer.
+    tokenizer; a FlyThinker's Reasoner then goes to `reasoner_device` when given (e.g. "cuda:1": each model on its
+    own GPU; `decoding.concurrency.place_reasoner`; a device that does not exist is a UserError naming it).
 
     The directory is checked first (`validate_checkpoint`); whatever loading still raises (transformers,
     safetensors, torch) becomes one UserError naming the checkpoint."""
@@ -380,7 +382,16 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto"):
         raise UserError(f"cannot load checkpoint {ckpt}: {first}") from None
     if model.tokenizer is None:
         raise UserError(f"{ckpt}/generator has no tokenizer files; save the checkpoint with its tokenizer")
-    return model.to(device).eval(), model.tokenizer
+    model = model.to(device).eval()
+    if reasoner_device:
+        from .config import ConfigError
+        from .decoding.concurrency import place_reasoner
+
+        try:
+            place_reasoner(model, reasoner_device)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+    return model, model.tokenizer
 
 
 __all__ = ["Predictor", "checkpoint_fingerprint", "checkpoint_train_config", "data_fingerprint", "decode_fingerprint",

@@ -22,8 +22,10 @@ def test_bench_decode_tiny_prints_table_then_json(capsys, monkeypatch):
     assert result["batch"] == 1 and result["threads"] == 2 and result["device"] == "cpu"
     assert result["flop_ratio"] > 1 and result["auto_backend"] in ("sequential", "threads")
     assert {r["batch"] for r in result["rows"]} == {1, 2} and set(result["by_batch"]) == {"1", "2"}
+    assert isinstance(result["auto_ms"], float) and result["auto_ms"] > 0 and result["best_ms"] > 0
+    assert {r["method"] for r in result["rows"] if r["threads"] == "auto"} == {"auto"}  # its own row, per batch
     for row in result["rows"]:
-        assert row["method"] in ("sft", "sequential", "concurrent")
+        assert row["method"] in ("sft", "sequential", "concurrent", "auto")
         assert row["prefill_ms"] > 0 and row["decode_ms"] > 0 and row["tokens_per_s"] > 0
 
 

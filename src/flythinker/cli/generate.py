@@ -22,7 +22,7 @@ SEED = 0
 def add_cli(parser: argparse.ArgumentParser) -> None:
     from ..config import add_dataclass_args
     from ..data import DataConfig
-    from ..decoding.sampling import DecodeConfig
+    from ..decoding.sampling import BACKENDS, DecodeConfig
 
     parser.add_argument("--checkpoint", required=True, help="FlyThinker checkpoint directory (save_pretrained / "
                         "trainer output); its tokenizer is read from DIR/generator")
@@ -59,6 +59,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype for decoding; auto: bf16 where the hardware computes it natively (a "
                              "CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; float32 for exact "
                              "fp32 decoding. Predictions record the dtype used, so a resume never mixes two")
+    parser.add_argument("--decode.backend", "--decode-backend", dest="backend", default="auto",
+                        choices=("auto", *BACKENDS), help="how FlyThinker's two calls per step run (DecodeConfig."
+                        "concurrent); auto: measured once per machine, model pair and batch size on one CPU, else the "
+                        "placement's rule (docs/decode_backends.md). The backends run the same operations (greedy "
+                        "text agrees token for token), so it is not part of the resume fingerprint")
+    parser.add_argument("--reasoner-device", "--reasoner_device", dest="reasoner_device", default="",
+                        help="device of the Reasoner, e.g. cuda:1 (the paper's two-GPU setting: R and G step "
+                             "concurrently on their own GPUs) or cpu; default: the Generator's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_args(parser, DataConfig, prefix="data.")
     parser.set_defaults(func=_cli_main)
@@ -80,9 +88,23 @@ def decode_config(args: argparse.Namespace):
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
-                            penalty_scope=args.penalty_scope)
+                            penalty_scope=args.penalty_scope, backend=getattr(args, "backend", None))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _reasoner_device(args: argparse.Namespace) -> str:
+    """--reasoner-device, checked to exist on this machine before any model loads ("" = the Generator's)."""
+    from ..config import ConfigError
+    from ..decoding.concurrency import check_device
+
+    spec = getattr(args, "reasoner_device", "") or ""
+    if spec:
+        try:
+            check_device(spec, "--reasoner-device")
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+    return spec
 
 
 def _data_config(args: argparse.Namespace, ckpt: Path):
@@ -142,6 +164,7 @@ def _cli_main(args: argparse.Namespace) -> int:
     set_threads(_threads_per_process(world))
     ckpt = Path(args.checkpoint)
     decode = decode_config(args)
+    reasoner_device = _reasoner_device(args)
     if args.limit < 0:
         raise UserError(f"--limit must be >= 0 (0 = all examples); got {args.limit}")
     out = check_output_target(args.out, "--out")
@@ -159,7 +182,7 @@ def _cli_main(args: argparse.Namespace) -> int:
     if world > 1:
         return _data_parallel(args, ckpt, data_cfg, decode, examples, out, method, run, world, rank)
     check_resume(out, method=method, run=run)
-    model, tokenizer = load_checkpoint(ckpt, args.dtype)
+    model, tokenizer = load_checkpoint(ckpt, args.dtype, reasoner_device=reasoner_device)
     fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn([e.id for e in examples])
     stats = generate_predictions(examples, fn, out, batch_size=decode.batch_size, method=method,
                                  progress=not args.no_progress, run=run)
@@ -244,7 +267,7 @@ def _data_parallel(args: argparse.Namespace, ckpt: Path, data_cfg: Any, decode: 
     except UserError as e:
         error = e
     _agree(error, f"--out {out}")
-    model, tokenizer = load_checkpoint(ckpt, args.dtype)
+    model, tokenizer = load_checkpoint(ckpt, args.dtype, reasoner_device=_reasoner_device(args))
     ids = [e.id for e in examples]
     fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn(ids)
     mine = shard_examples(examples, decode.batch_size, rank, world)

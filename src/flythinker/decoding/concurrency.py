@@ -1,11 +1,13 @@
 """Running two independent calls per decode step concurrently, for any method whose step makes two (FlyThinker:
 the Reasoner's step and the Generator's step).
 
-Owns: the backend choice (`resolve_backend`: "sequential", "threads", "cuda_streams", "two_devices"), the CPU
-thread split by cost (`split_threads`), per-thread intra-op counts (`pinned_threads`), the persistent worker
-thread, and the four backends. Why "auto" chooses as it does, with the measurements: docs/decode_backends.md.
-Two threads that must share cores are far worse than either choice (an OpenMP team whose second thread waits for a
-busy core stalls every operator), which is why "threads" gives each call its own thread count.
+Owns: the backend choice by placement (`resolve_backend`: "sequential", "threads", "cuda_streams", "two_devices";
+"auto" on one CPU device is refined by measurement in `flythinker.decoding.calibrate`), the CPU thread split by cost
+(`split_threads`), per-thread intra-op counts (`pinned_threads`, `thread_budget`), the persistent worker thread, the
+four backends, and checking / applying a Reasoner placement (`check_device`, `place_reasoner`). Why "auto" chooses
+as it does, with the measurements: docs/decode_backends.md. Two threads that must share cores are far worse than
+either choice (an OpenMP team whose second thread waits for a busy core stalls every operator), which is why
+"threads" gives each call its own thread count.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from .sampling import BACKENDS
+
+# While a "threads" decode holds a caller's thread at its Generator share, the thread count it had before (see
+# `Threads`): `thread_budget` reads it so a stepper built meanwhile (a row joining a server's running batch) still
+# sees the whole budget.
+_PINNED = threading.local()
+
+
+def thread_budget() -> int:
+    """This thread's CPU budget for a decode: torch.get_num_threads(), or, while a "threads" decode holds the thread
+    at its Generator share between steps, the count the thread had before that decode."""
+    return getattr(_PINNED, "budget", None) or torch.get_num_threads()
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -41,7 +55,9 @@ def resolve_backend(g_dev: torch.device, r_dev: torch.device, concurrent: bool |
     "auto": two devices -> "two_devices"; one CUDA device -> "cuda_streams"; CPU with >= 4 intra-op threads ->
     "threads"; otherwise "sequential" (on 2-3 cores, giving the first call every core and running the second after
     it is faster than splitting them). True forces the concurrent backend for the placement, False sequential.
-    num_threads: the CPU budget (default: the calling thread's torch.get_num_threads()).
+    num_threads: the CPU budget (default: the calling thread's, `thread_budget()`). This is the fixed rule; a
+    FlyThinker decode asked for "auto" on one CPU device with >= 2 threads measures instead
+    (`flythinker.decoding.calibrate`), unless $FLYTHINKER_DECODE_CALIBRATE=0.
     Raises ValueError when a forced backend cannot run here (e.g. cuda_streams without CUDA).
     """
     if concurrent not in (True, False, "auto") and concurrent not in BACKENDS:
@@ -57,7 +73,7 @@ def resolve_backend(g_dev: torch.device, r_dev: torch.device, concurrent: bool |
             return "cuda_streams"
         if g_dev.type != "cpu":
             return "sequential"  # e.g. mps: no stream API we rely on
-        n = torch.get_num_threads() if num_threads is None else num_threads
+        n = thread_budget() if num_threads is None else num_threads
         return "threads" if concurrent is True or n >= 4 else "sequential"
     if concurrent == "cuda_streams" and not (g_dev.type == "cuda" and not split):
         raise ValueError(f"concurrent='cuda_streams' needs both models on one CUDA device; the Generator is on "
@@ -150,10 +166,14 @@ def _join(fut: Future, g_call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor
 
 
 class Sequential:
-    """Both calls one after the other on the caller's thread. Every backend has this interface: `prefill_side`
-    runs the side call of a prefill, `step(side_call, main_call)` returns (side result, main result)."""
+    """Both calls one after the other on the caller's thread. Every backend has this interface: `prefill_scope()`
+    is the context the prefill runs in, `prefill_side` runs the side call of a prefill, `step(side_call, main_call)`
+    returns (side result, main result), `close()` ends the decode."""
 
     name = "sequential"
+
+    def prefill_scope(self) -> contextlib.AbstractContextManager:
+        return pinned_threads(thread_budget())  # the budget even while another decode holds this thread at less
 
     def prefill_side(self, r_call):
         return r_call()
@@ -167,17 +187,47 @@ class Sequential:
 
 
 class Threads(Sequential):
-    """R's step on the persistent worker thread with n_r intra-op threads, G's on the caller's with n_g."""
+    """R's step on the persistent worker thread with n_r intra-op threads, G's on the caller's with n_g.
+
+    The prefill (R's prompt pass, then G's: sequential by nature) runs on the caller's thread with n_g + n_r
+    threads, every core the decode was given; only the per-token steps split them. The caller's thread is set to
+    n_g at the first step and kept there until `close()` (on that thread) restores it, rather than set and restored
+    around every step: between steps it only samples, and at n_g that sampling opens no OpenMP team whose threads
+    could spin on the core R's worker needs at the next step (a likely cost of the old per-step restore, reasoned
+    from libgomp's spin-wait, not measured; docs/decode_backends.md)."""
 
     name = "threads"
 
     def __init__(self, n_g: int, n_r: int):
         self.n_g, self.n_r = n_g, n_r
+        self._worker = _worker()
+        self._pinned: tuple[int, int, int | None] | None = None  # (thread id, count to restore, budget before)
+
+    def prefill_scope(self) -> contextlib.AbstractContextManager:
+        return pinned_threads(self.n_g + self.n_r)
+
+    def _pin(self) -> None:
+        now = torch.get_num_threads()
+        if now == self.n_g:
+            return
+        if self._pinned is None:
+            before = getattr(_PINNED, "budget", None)
+            self._pinned = (threading.get_ident(), now, before)
+            _PINNED.budget = before or now
+        torch.set_num_threads(self.n_g)
 
     def step(self, r_call, g_call):
-        fut = _worker().submit(r_call, self.n_r)
-        with pinned_threads(self.n_g):
-            return _join(fut, g_call)
+        fut = self._worker.submit(r_call, self.n_r)
+        self._pin()
+        return _join(fut, g_call)
+
+    def close(self):
+        pinned, self._pinned = self._pinned, None
+        # Only the thread that was pinned can be restored (torch's count is per thread); a decode abandoned and
+        # collected on another thread leaves its caller at n_g.
+        if pinned is not None and pinned[0] == threading.get_ident():
+            torch.set_num_threads(pinned[1])
+            _PINNED.budget = pinned[2]
 
 
 class TwoDevices(Sequential):
@@ -189,9 +239,10 @@ class TwoDevices(Sequential):
 
     def __init__(self, n_r: int | None):
         self.n_r = n_r
+        self._worker = _worker()
 
     def step(self, r_call, g_call):
-        return _join(_worker().submit(r_call, self.n_r), g_call)
+        return _join(self._worker.submit(r_call, self.n_r), g_call)
 
 
 class CudaStreams(Sequential):
@@ -241,12 +292,12 @@ def _record(t: torch.Tensor, stream: Any) -> None:
 def make_backend(name: str, g_dev: torch.device, r_dev: torch.device, cpu_threads: tuple[int, int] | None = None,
                  macs: Callable[[], tuple[int, int]] | None = None):
     """The backend object for `name` (see `resolve_backend`). cpu_threads: (main, side) threads for "threads"
-    (and the side's for a CPU-side "two_devices"); None splits torch.get_num_threads() by `macs()`, the two calls'
+    (and the side's for a CPU-side "two_devices"); None splits `thread_budget()` by `macs()`, the two calls'
     multiply-adds per step."""
     if name == "sequential":
         return Sequential()
     if name == "threads":
-        n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), torch.get_num_threads())
+        n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), thread_budget())
         return Threads(n_g, n_r)
     if name == "two_devices":
         n_r = (cpu_threads or (None, None))[1] if r_dev.type == "cpu" else None
@@ -266,5 +317,40 @@ class Call:
         return self.fn()
 
 
-__all__ = ["BACKENDS", "Call", "CudaStreams", "Sequential", "Threads", "TwoDevices", "make_backend",
-           "pinned_threads", "resolve_backend", "same_device", "split_threads"]
+def check_device(spec: str | torch.device, field: str = "reasoner_device") -> torch.device:
+    """The torch device `spec` names ("cpu", "cuda", "cuda:1", "mps"), checked to exist on this machine; a one-line
+    ConfigError naming `field` otherwise (found at the first decode step it would be a deep CUDA error)."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{field}: {spec!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{field}: {spec} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{field}: {spec} does not exist; this machine has {n} CUDA device(s) "
+                              f"(cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{field}: {spec} requested but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{field}: {spec} is not supported here (cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+def place_reasoner(model: Any, device: str | torch.device | None, field: str = "reasoner_device") -> Any:
+    """Move `model.reasoner` to `device` (checked by `check_device`) and return `model`; "" / None, or a model
+    without a Reasoner (SFT and the other one-model methods), leave it as it is. With the Reasoner on another device
+    than the Generator, "auto" decodes with "two_devices" (the paper's two-GPU setting)."""
+    if device is None or device == "":
+        return model
+    dev = check_device(device, field)
+    reasoner = getattr(model, "reasoner", None)
+    if reasoner is not None:
+        reasoner.to(dev)
+    return model
+
+
+__all__ = ["BACKENDS", "Call", "CudaStreams", "Sequential", "Threads", "TwoDevices", "check_device", "make_backend",
+           "pinned_threads", "place_reasoner", "resolve_backend", "same_device", "split_threads", "thread_budget"]

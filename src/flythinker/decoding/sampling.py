@@ -63,7 +63,11 @@ class DecodeConfig:
     """Emitted by rows after their EOS; None: generation_config / config pad id, else the first EOS id, else 0."""
     concurrent: bool | str = "auto"
     """How R's step overlaps G's: "auto", True (the concurrent backend for this placement), False (sequential),
-    or a backend name: sequential, threads, cuda_streams, two_devices."""
+    or a backend name: sequential, threads, cuda_streams, two_devices. "auto" on one CPU device measures the
+    candidates once per machine, model pair and batch size (docs/decode_backends.md)."""
+    backend: str | None = None
+    """The same setting under the name the CLI uses (`--decode.backend threads`): when given it becomes
+    `concurrent` and reads back as None, so the decode reads one field."""
     cpu_threads: tuple[int, int] | None = None
     """(Generator, Reasoner) intra-op threads for the "threads" backend; None splits the calling thread's
     torch.get_num_threads() by the models' per-token multiply-adds (at least one each)."""
@@ -92,6 +96,12 @@ class DecodeConfig:
                              f"got {self.no_repeat_ngram_size!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0 (0 disables it); got {self.min_new_tokens!r}")
+        if self.backend is not None:
+            if self.backend != "auto" and self.backend not in BACKENDS:
+                raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {self.backend!r}")
+            if self.concurrent != "auto" and self.concurrent != self.backend:
+                raise ValueError(f"backend {self.backend!r} and concurrent {self.concurrent!r} disagree; set one")
+            self.concurrent, self.backend = self.backend, None
         c = self.concurrent
         if not (isinstance(c, bool) or c == "auto" or c in BACKENDS):
             raise ValueError(f"concurrent must be True, False, 'auto' or one of {', '.join(BACKENDS)}; got {c!r}")

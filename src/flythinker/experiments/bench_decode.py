@@ -2,7 +2,9 @@
 and FlyThinker concurrent, compared per device (each model gets the same compute, the paper's setting: here the same
 number of cores per model) and on the same machine (each method in its fastest configuration using all cores), at
 each weights dtype (float32, and bfloat16 where the hardware computes it natively; every configuration of every
-dtype is timed interleaved). Prints a table; the CLI ends with one JSON line.
+dtype is timed interleaved). The automatic choice ("auto": on one CPU device a short calibration, cached, see
+`flythinker.decoding.calibrate`) is timed as a row of its own beside the explicit configurations. Prints a table;
+the CLI ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _load(name: str):
 class Row:
     dtype: str               # weights dtype: float32 | bfloat16 | float16
     batch: int
-    method: str              # sft | sequential | concurrent
+    method: str              # sft | sequential | concurrent | auto (FlyThinker with concurrent="auto")
     threads: str             # "2" (one pool), "1+1" (Generator + Reasoner pools), "gpu"
     backend: str
     prefill_ms: float
@@ -111,8 +113,10 @@ def _params(lm) -> int:
 
 def run_decode(args: DecodeBenchConfig) -> dict:
     """Run the benchmark, print the table, return the summary (the CLI prints it as the final JSON line)."""
+    from ..decoding.concurrency import pinned_threads
+    from ..decoding.sampling import DecodeConfig
     from ..methods.flythinker.config import FlyThinkerConfig
-    from ..methods.flythinker.decode import per_token_macs, resolve_backend
+    from ..methods.flythinker.decode import choose_backend, per_token_macs
     from ..methods.flythinker.model import FlyThinker
     from .timing import time_configs
 
@@ -155,6 +159,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
                       (dt, "same-machine", "sft", sft, "sequential", str(n), n, None),
                       (dt, "same-machine", "sequential", fly_dt, "sequential", str(n), n, None)]
             plans += [(dt, "same-machine", "concurrent", fly_dt, "threads", f"{a}+{b}", n, (a, b)) for a, b in splits]
+            plans.append((dt, "same-machine", "auto", fly_dt, "auto", "auto", n, None))
         else:
             plans += [(dt, "same-machine", "sft", sft, "sequential", "1gpu", None, None),
                       (dt, "same-machine", "sequential", fly_dt, "sequential", "1gpu", None, None),
@@ -166,12 +171,14 @@ def run_decode(args: DecodeBenchConfig) -> dict:
                 plans += [(dt, "per-device", "sft", sft, "sequential", "1gpu", None, None),
                           (dt, "per-device", "sequential", fly_dt, "sequential", "1gpu", None, None),
                           (dt, "per-device", "concurrent", fly2, "two_devices", "2gpu", None, None)]
+            plans.append((dt, "same-machine", "auto", fly_dt, "auto", "1gpu", None, None))
 
     gen = torch.Generator().manual_seed(0)
     measured: dict[tuple, Row] = {}
     table: list[tuple[str, Row]] = []
+    prompts: dict[int, torch.Tensor] = {}
     for batch in args.batch:
-        ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
+        ids = prompts[batch] = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
         keys, configs = [], []
         for dt, comparison, method, model, backend, label, main_threads, split in plans:
             # A same-machine split equal to the per-device one is the same decode: measured once (its prefill,
@@ -195,6 +202,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     for dt, batch in ((dt, batch) for dt in dtypes for batch in args.batch):
         s_dev, q_dev, c_dev = (pick(batch, "per-device", m, dt) for m in ("sft", "sequential", "concurrent"))
         s_all = pick(batch, "same-machine", "sft", dt)
+        a_all = pick(batch, "same-machine", "auto", dt)
         fly_rows = [r for r in (pick(batch, "same-machine", "sequential", dt),
                                 pick(batch, "same-machine", "concurrent", dt)) if r is not None]
         best = min(fly_rows, key=lambda r: r.decode_ms)
@@ -203,17 +211,30 @@ def run_decode(args: DecodeBenchConfig) -> dict:
             "ratio_concurrent_over_sft": _ratio(c_dev, s_dev), "ratio_sequential_over_sft": _ratio(q_dev, s_dev),
             "sft_best_ms": _ms(s_all), "best_ms": _ms(best), "best": f"{best.method}@{best.threads}",
             "ratio_best_over_sft_best": _ratio(best, s_all),
+            "auto_ms": _ms(a_all), "ratio_auto_over_best": _ratio(a_all, best),
         }
     summaries = by_dtype[dtypes[0]]
 
-    auto = resolve_backend(fly, "auto", num_threads=n)
+    # What "auto" ran, per batch size (the calibration's cached answer: the timed runs made it), for the first dtype.
+    auto_by_batch = {}
+    for batch in args.batch:
+        with pinned_threads(n if device.type == "cpu" else None):
+            name, split, choice = choose_backend(fly, prompts[batch], DecodeConfig(max_new_tokens=args.new_tokens))
+        auto_by_batch[batch] = {"backend": name, "cpu_threads": list(split) if split else None,
+                                "source": choice.source if choice is not None else "rule"}
+        summaries[batch].update(auto_backend=name, auto_threads=auto_by_batch[batch]["cpu_threads"],
+                                auto_source=auto_by_batch[batch]["source"])
+    auto = auto_by_batch[1 if 1 in args.batch else args.batch[0]]["backend"]
     head = (f"flythinker bench decode: model={args.model} (Generator {_params(generator) / 1e6:.1f}M params, "
             f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={','.join(dtypes)} "
             f"(native bf16: {native_bf16(device)}) prompt={args.prompt_tokens} new={args.new_tokens} "
             f"runs={args.runs} cores={n}")
     print(head)
     print(f"per-token multiply-adds at context {context}: C_G={c_g / 1e6:.1f}M C_R={c_r / 1e6:.1f}M "
-          f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}; auto backend with {n} threads: {auto}")
+          f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}")
+    print("auto with " + (f"{n} threads" if device.type == "cpu" else str(device)) + ": " + ", ".join(
+        f"batch {b} -> {a['backend']}" + (f" {a['cpu_threads'][0]}+{a['cpu_threads'][1]}" if a["cpu_threads"] else "")
+        + f" ({a['source']})" for b, a in auto_by_batch.items()))
     if load_before is not None and load_before > 0.5:
         print(f"warning: load average was {load_before:.2f} before the benchmark; timings may be contended")
     print(f"{'dtype':<9} {'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "
@@ -226,7 +247,8 @@ def run_decode(args: DecodeBenchConfig) -> dict:
             print(f"{dt} batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} (target "
                   f"<= 1.05), sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best "
                   f"({s['best']})/best SFT = {_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = "
-                  f"{1.05 * flop_ratio:.3f})")
+                  f"{1.05 * flop_ratio:.3f}); auto {_fmt(s['auto_ms'])} ms/token = "
+                  f"{_fmt(s['ratio_auto_over_best'])} x the best configuration")
     first = 1 if 1 in args.batch else args.batch[0]
     # Per method, the faster configuration of each dtype on the whole machine: bf16 ms/token over fp32's.
     low = {m: _ratio(pick(first, "same-machine", m, "bfloat16"), pick(first, "same-machine", m, "float32"))

@@ -21,6 +21,7 @@ import torch
 
 from ..config import ConfigError, apply_overrides, to_dict
 from ..data import DataConfig, Example, encode_example
+from ..decoding.concurrency import place_reasoner
 from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS, Method, ModelArgs, get_method
 from ..safeio import atomic_write_text
@@ -93,10 +94,10 @@ def load_method_model(spec: MethodSpec, model_args: ModelArgs):
 
 def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_examples: Sequence[Example],
                model_args: ModelArgs, data: DataConfig, train: TrainArgs, decode: DecodeConfig,
-               out_dir: str | Path, progress: bool = True, log=print) -> MethodResult:
+               out_dir: str | Path, progress: bool = True, log=print, reasoner_device: str = "") -> MethodResult:
     """Train (if the method is trained), then generate predictions for `eval_examples` into
     `out_dir/<name>/predictions.jsonl`, measuring training s/step (decode ms/token: `remeasure_decode`, all
-    methods together)."""
+    methods together). reasoner_device: where a Reasoner decodes (e.g. cuda:1; "" = the Generator's device)."""
     from ..inference import Predictor, checkpoint_fingerprint, data_fingerprint, decode_fingerprint
     from ..safeio import fingerprint
     from ..models import load_tokenizer
@@ -149,6 +150,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     # so a resumed study never mixes fp32 and bf16 predictions in one file.
     decode_dtype = resolve_dtype("auto", next(model.parameters()).device)
     model.to(decode_dtype).eval()
+    place_reasoner(model, reasoner_device)
 
     fn = Predictor(model, tok, data_cfg, decode).batch_fn([e.id for e in eval_examples])
     # Fingerprints in every line: a re-run with another model, data or decode settings is refused, not mixed in.
@@ -213,14 +215,15 @@ def _setting_defaults() -> dict[str, Any]:
 
 def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec], model_args: ModelArgs,
                      data: DataConfig, example: Example, out_dir: str | Path, tokenizer: Any, new_tokens: int = 32,
-                     runs: int = 3, log=print) -> None:
+                     runs: int = 3, log=print, reasoner_device: str = "", concurrent: bool | str = "auto") -> None:
     """Time every method's decoding together, interleaved round-robin (run 1 of each method, then run 2, ...), on
     the same example with each method's own prompt, and overwrite each result's decode_ms_per_token.
 
     The per-method figure measured right after that method's generation compares moments minutes apart, and on a
     shared or virtualised machine the speed drifts in between; interleaving makes the ratio to SFT a paired
     measurement. Cached in out_dir/decode_timing.json (reused when it covers every method). Model-free rows (the
-    copy floors) decode nothing: they are skipped and keep decode_ms_per_token None."""
+    copy floors) decode nothing: they are skipped and keep decode_ms_per_token None. Each model decodes as its
+    predictions did: the Reasoner on `reasoner_device` when given, with the `concurrent` backend setting."""
     from .timing import time_configs
 
     pairs = [(spec, res) for spec, res in zip(specs, results) if not spec.model_free]
@@ -235,7 +238,8 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
             model = (spec.impl.load(res.predictions.parent / "train" / "final") if spec.trained
                      else load_method_model(spec, model_args)[0])
             ids = encode_example(example, tokenizer, spec.data_config(data), with_response=False)["prompt_ids"]
-            configs.append((model.to(resolve_dtype("auto", next(model.parameters()).device)).eval(), None, {}))
+            model = model.to(resolve_dtype("auto", next(model.parameters()).device)).eval()
+            configs.append((place_reasoner(model, reasoner_device), None, {"concurrent": concurrent}))
             prompts.append(torch.tensor([ids]))
         log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")
         timed = time_configs(configs, prompts, new_tokens, runs)

@@ -120,6 +120,9 @@ class StudyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainArgs = field(default_factory=TrainArgs)
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=512, seed=0))
+    reasoner_device: str = ""
+    """Device of the Reasoner while decoding, e.g. cuda:1 (the paper's two-GPU setting, with --decode.backend auto
+    or two_devices) or cpu; empty: the Generator's. Training is unaffected; one-model rows ignore it."""
     bertscore: bool = True
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
@@ -129,6 +132,10 @@ class StudyConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
+        if self.reasoner_device:
+            from ..decoding.concurrency import check_device
+
+            check_device(self.reasoner_device, "reasoner_device")  # a ConfigError: one line, before any model loads
         for v in self.variants + self.ablation.points:
             spec = v.spec()  # checks the method and every override key now, not hours into the run
             spec.model_args(self.model), spec.data_config(self.data), spec.train_args(self.train)
@@ -231,8 +238,9 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
             specs.append(spec)
             results.append(run_method(spec, train, dev, cfg.model, cfg.data,
                                       dataclasses.replace(cfg.train, seed=cfg.seed), cfg.decode, out / split,
-                                      progress=cfg.train.progress, log=log))
-        remeasure_decode(results, specs, cfg.model, cfg.data, dev[0], out / split, tok, log=log)
+                                      progress=cfg.train.progress, log=log, reasoner_device=cfg.reasoner_device))
+        remeasure_decode(results, specs, cfg.model, cfg.data, dev[0], out / split, tok, log=log,
+                         reasoner_device=cfg.reasoner_device, concurrent=cfg.decode.concurrent)
         base = METHODS["sft"].display if "sft" in cfg.methods else METHODS[cfg.methods[0]].display
         rep = run_evaluation([r.predictions for r in results], out / split / "eval",
                              EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
@@ -272,7 +280,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     for axis, value, spec in points:
         log(f"== ablation {spec.name}")
         res = run_method(spec, train, dev, cfg.model, cfg.data, dataclasses.replace(cfg.train, seed=cfg.seed),
-                         decode, out, progress=cfg.train.progress, log=log)
+                         decode, out, progress=cfg.train.progress, log=log, reasoner_device=cfg.reasoner_device)
         nll_file = res.predictions.parent / "dev_nll.json"
         nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
         if spec.model_free:  # a copy floor has no model, so no NLL: its row has the generation metrics only

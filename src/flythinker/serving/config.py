@@ -70,6 +70,9 @@ class ServeConfig:
     dtype: str = "auto"
     """Weights dtype of the served model: auto (bf16 where the hardware computes it natively: a CUDA GPU with bf16,
     a CPU with AVX512-BF16 or AMX; else fp32), float32, bfloat16 or float16."""
+    reasoner_device: str = ""
+    """Device of a FlyThinker's Reasoner, e.g. cuda:1 (each model on its own GPU; with decode.backend auto or
+    two_devices the two step concurrently) or cpu; empty: the Generator's."""
     batch_wait_ms: float = 5.0
     """How long an idle generation worker waits after a request arrives for others to share its prefill."""
     batching: Literal["continuous", "wave"] = "continuous"
@@ -98,6 +101,10 @@ class ServeConfig:
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"log_level must be one of critical, error, warning, info, debug; got "
                               f"{self.log_level!r}")
+        if self.reasoner_device:
+            from ..decoding.concurrency import check_device
+
+            check_device(self.reasoner_device, "reasoner_device")  # one line now, not a CUDA error at the first step
         if self.decode.max_new_tokens > self.limits.max_new_tokens:
             raise ConfigError(f"decode.max_new_tokens ({self.decode.max_new_tokens}) exceeds "
                               f"limits.max_new_tokens ({self.limits.max_new_tokens})")

@@ -125,7 +125,9 @@ class Service:
 
 
 def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
-    """(model on the default device in eval mode, tokenizer, default served name)."""
+    """(model on the default device in eval mode, its Reasoner on cfg.reasoner_device when given, tokenizer,
+    default served name)."""
+    from ..decoding.concurrency import place_reasoner
     from ..utils import UserError
 
     if cfg.checkpoint:
@@ -134,7 +136,7 @@ def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
         ckpt = Path(cfg.checkpoint).expanduser()
         if not (ckpt / "flythinker.json").is_file():
             raise UserError(f"--checkpoint {ckpt}: not a FlyThinker checkpoint (no flythinker.json)")
-        model, tok = load_checkpoint(ckpt, cfg.dtype)
+        model, tok = load_checkpoint(ckpt, cfg.dtype, reasoner_device=cfg.reasoner_device)
         return model, tok, ckpt.resolve().name
     from ..methods import get_method
     from ..utils import default_device, resolve_dtype
@@ -142,7 +144,8 @@ def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
     # Built like a training run's fresh model (cfg.model.dtype, fp32 by default), then cast to the serving dtype.
     model, tok = get_method(cfg.model.method).build(cfg.model)
     device = default_device()
-    model = model.to(device=device, dtype=resolve_dtype(cfg.dtype, device, field="dtype"))
+    model = place_reasoner(model.to(device=device, dtype=resolve_dtype(cfg.dtype, device, field="dtype")),
+                           cfg.reasoner_device)
     log.warning("serving an untrained %s model (pass --checkpoint DIR for a trained one)", cfg.model.method)
     return model.eval(), tok, f"{cfg.model.method}-untrained"
 
