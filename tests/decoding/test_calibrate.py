@@ -17,27 +17,11 @@ from flythinker.decoding.loop import generate
 from flythinker.decoding.sampling import DecodeConfig
 from flythinker.hf import device_of
 from flythinker.methods.flythinker.decode import choose_backend, per_token_macs
-from flythinker.testing import tiny_config, tiny_lm, tiny_tokenizer
+from flythinker.testing import tiny_lm, tiny_tokenizer
+
+from .test_loop import _lm
 
 V = 384
-
-
-def _lm(seed, num_layers=2, std=0.1):
-    """A tiny LM with untied, larger random weights, so greedy decoding does not repeat one token (which would let
-    a wrong decode pass the equality checks)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config("llama", num_layers=num_layers)
-    cfg.tie_word_embeddings = False
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
