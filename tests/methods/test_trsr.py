@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flythinker.data import DataConfig, Example
+from flythinker.data import DataConfig
 from flythinker.data.collate import encode_example
 from flythinker.data.prompts import HISTORY_HEADERS
 from flythinker.decoding.sampling import DecodeConfig
@@ -18,18 +18,11 @@ from flythinker.methods.teachers import TeacherConfig, extractive_analysis
 from flythinker.methods.trsr import SUMMARY_INSTRUCTION, TRSR, TRSRModel, summary_message, summary_texts
 from flythinker.testing import tiny_lm
 
+from .test_cot import _examples
+
 DATA = DataConfig(k=1, profile_tokens=96, min_item_tokens=16, query_tokens=32, target_tokens=24, system_prompt="")
 
 
-def _examples(n=4):
-    out = []
-    for i in range(n):
-        items = [{"text": f"I loved this album because the melodies are warm. The lyrics are honest {j}!",
-                  "title": "warm"} for j in range(3)]
-        out.append(Example(id=f"e{i}", user_id=f"u{i % 2}", input=f"Write the review of album {i}",
-                           output="I loved this album because the sound is great.", profile=items,
-                           task="generic"))
-    return out
 
 
 def _cfg(tmp_path, **kw):
