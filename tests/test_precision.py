@@ -153,3 +153,30 @@ def test_serving_an_untrained_model_casts_to_the_serving_dtype(monkeypatch):
         monkeypatch.setenv(NATIVE_BF16_ENV, env)
         model, _, name = load_model(ServeConfig(model=ModelArgs(method="sft"), dtype=dtype))
         assert {p.dtype for p in model.parameters()} == {want} and name == "sft-untrained"
+
+
+def test_generate_auto_decodes_in_the_measured_dtype_and_a_resume_keeps_the_begun_one(saved, tmp_path, monkeypatch):
+    """`flythinker generate --dtype auto` asks the measured chooser at --decode.batch_size; a begun --out keeps the
+    dtype it was begun in even when the chooser would now pick the other; an explicit dtype is used as given."""
+    import json
+
+    from flythinker import inference
+    from flythinker.cli.generate import _decode_dtype
+    from flythinker.decoding.dtype_choice import DtypeChoice
+    from flythinker.inference import decode_fingerprint
+
+    asked = []
+
+    def chooser(dtype):
+        def choose(ckpt, name, batch_size):
+            asked.append((name, batch_size))
+            return DtypeChoice(dtype, "measured", batch_size, {"float32": 2.0, "bfloat16": 1.0})
+        return choose
+
+    decode, out = DecodeConfig(max_new_tokens=4, batch_size=3), tmp_path / "preds.jsonl"
+    monkeypatch.setattr(inference, "checkpoint_decode_dtype", chooser(torch.bfloat16))
+    assert _decode_dtype(saved, "auto", decode, out, 1) == "bfloat16" and asked == [("auto", 3)]
+    assert _decode_dtype(saved, "float32", decode, out, 1) == "float32" and len(asked) == 1
+    out.write_text(json.dumps({"id": "e0", "run": {"decode": decode_fingerprint(decode, torch.bfloat16)}}) + "\n")
+    monkeypatch.setattr(inference, "checkpoint_decode_dtype", chooser(torch.float32))
+    assert _decode_dtype(saved, "auto", decode, out, 1) == "bfloat16" and len(asked) == 1

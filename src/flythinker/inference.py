@@ -10,6 +10,7 @@ decode fingerprints every predictions line records, so a resume with another mod
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from .decoding.sampling import DecodeConfig
 from .predictions import PredictBatchFn
 from .utils import UserError
+
+_log = logging.getLogger("flythinker.inference")
 
 
 def decode_new_tokens(row: Sequence[int], tokenizer: Any, eos_ids: Sequence[int]) -> str:
@@ -51,12 +54,14 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, data_cfg: Any = None, decode: DecodeConfig | None = None,
                         dtype: str = "auto", reasoner_device: str = "") -> Predictor:
-        """Load `ckpt` (see `load_checkpoint`, which places the Reasoner on `reasoner_device` when given); prompt
-        settings default to the checkpoint's training ones."""
+        """Load `ckpt` (see `load_checkpoint`, which places the Reasoner on `reasoner_device` when given; "auto"
+        picks the faster weights dtype at `decode.batch_size`); prompt settings default to the checkpoint's
+        training ones."""
         from .config import from_dict
         from .data import DataConfig
 
-        model, tok = load_checkpoint(ckpt, dtype, reasoner_device=reasoner_device)
+        decode = decode or DecodeConfig()
+        model, tok = load_checkpoint(ckpt, dtype, reasoner_device=reasoner_device, batch_size=decode.batch_size)
         if data_cfg is None:
             saved = checkpoint_train_config(Path(ckpt)).get("data")
             data_cfg = from_dict(DataConfig, dict(saved) if isinstance(saved, dict) else {},
@@ -331,6 +336,23 @@ def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
     return fingerprint(settings)
 
 
+def recorded_decode_dtype(predictions: str | Path, decode: DecodeConfig) -> Any:
+    """The weights dtype a begun predictions file was decoded in: the one of float32 / bfloat16 whose decode
+    fingerprint its first line records; None for a missing or empty file, or one matching neither (then the
+    resume check names the mismatch as before)."""
+    import torch
+
+    try:
+        with open(predictions, encoding="utf-8") as fh:
+            first = json.loads(fh.readline() or "null")
+    except (OSError, ValueError):
+        return None
+    found = (first.get("run") or {}).get("decode") if isinstance(first, dict) else None
+    if not isinstance(found, str):
+        return None
+    return next((dt for dt in (torch.float32, torch.bfloat16) if decode_fingerprint(decode, dt) == found), None)
+
+
 def run_fingerprint(ckpt: str | Path, examples: Sequence[Any], data_cfg: Any, decode: DecodeConfig,
                     dtype: str = "auto") -> dict[str, str]:
     """The `run` object stored in every predictions line (see flythinker.predictions): checkpoint, data + prompt
@@ -355,13 +377,50 @@ def checkpoint_method(ckpt: Path) -> str:
     return "flythinker" if isinstance(meta, dict) and meta.get("has_reasoner") else "sft"
 
 
-def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str = ""):
+def checkpoint_decode_dtype(ckpt: str | Path, dtype: str, batch_size: int):
+    """The `decoding.dtype_choice.DtypeChoice` that `load_checkpoint(ckpt, dtype, batch_size=batch_size)` makes,
+    known before the weights load where possible, so a caller can fingerprint its predictions with it first and
+    then load with the resolved name (`choice.name`): an explicit dtype or the fixed rule at once; a measured
+    choice from the cache, looked up by the checkpoint's model configs (built on the meta device: no weights);
+    only on a cache miss is the checkpoint loaded once to measure (the answer is then cached for the real load)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .decoding import dtype_choice
+    from .utils import default_device
+
+    device = default_device()
+    if dtype != "auto" or not dtype_choice.measures(device):
+        return dtype_choice.choose_decode_dtype([], batch_size, dtype, device=device, field_name="--dtype")
+    ckpt = Path(ckpt)
+    meta = validate_checkpoint(ckpt)
+    try:
+        with torch.device("meta"):
+            shells = [AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / name))
+                      for name in _lm_dirs(meta)]
+    except Exception:  # noqa: BLE001 -- an unusual checkpoint: measure on the loaded models instead
+        shells = []
+    if shells:
+        cached = dtype_choice.cached_decode_dtype(shells, batch_size)
+        if cached is not None:
+            return cached
+    model, _ = load_checkpoint(ckpt, dtype, batch_size=batch_size)
+    return model.decode_dtype_choice
+
+
+def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str = "", batch_size: int | None = None):
     """The checkpoint's method `load`s it (see `checkpoint_method`) on the default device, in eval mode, with its
     tokenizer; a FlyThinker's Reasoner then goes to `reasoner_device` when given (e.g. "cuda:1": each model on its
     own GPU; `decoding.concurrency.place_reasoner`; a device that does not exist is a UserError naming it).
 
+    dtype "auto" with a `batch_size`: the weights dtype that decodes faster at that batch size
+    (`decoding.dtype_choice.choose_decode_dtype`: measured once per machine, models and batch size on a CPU with
+    native bf16, cached; the fixed rule elsewhere); recorded as `model.decode_dtype_choice` and logged. "auto"
+    without one: the fixed rule (`utils.resolve_dtype`), as `run_fingerprint(..., "auto")` records it.
+
     The directory is checked first (`validate_checkpoint`); whatever loading still raises (transformers,
     safetensors, torch) becomes one UserError naming the checkpoint."""
+    from .decoding import dtype_choice
     from .methods import get_method
     from .utils import default_device, resolve_dtype
 
@@ -370,8 +429,10 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str 
     method = get_method(checkpoint_method(ckpt))
     device = default_device()
     # auto: bf16 weights where the device computes bf16 natively (utils.native_bf16), else fp32, whatever dtype the
-    # checkpoint was saved in; the run fingerprint records the same resolution.
-    torch_dtype = resolve_dtype(dtype, device, field="--dtype")
+    # checkpoint was saved in; the run fingerprint records the same resolution. A measured choice loads fp32 and
+    # casts after measuring (an fp32 -> bf16 cast is what a bf16 load does anyway).
+    measured = dtype == "auto" and batch_size is not None and dtype_choice.measures(device)
+    torch_dtype = resolve_dtype("float32" if measured else dtype, device, field="--dtype")
     try:
         model = method.load(ckpt, dtype=torch_dtype)
     except UserError:
@@ -383,6 +444,14 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str 
     if model.tokenizer is None:
         raise UserError(f"{ckpt}/generator has no tokenizer files; save the checkpoint with its tokenizer")
     model = model.to(device).eval()
+    if measured:
+        choice = dtype_choice.choose_decode_dtype(dtype_choice.decode_lms(model), int(batch_size), device=device)
+        model = model.to(choice.dtype)
+        model.decode_dtype_choice = choice
+        _log.info("%s", choice.describe())
+    elif batch_size is not None:
+        model.decode_dtype_choice = dtype_choice.DtypeChoice(torch_dtype, "explicit" if dtype != "auto" else "rule",
+                                                             int(batch_size))
     if reasoner_device:
         from .config import ConfigError
         from .decoding.concurrency import place_reasoner
@@ -394,6 +463,6 @@ def load_checkpoint(ckpt: str | Path, dtype: str = "auto", reasoner_device: str 
     return model, model.tokenizer
 
 
-__all__ = ["Predictor", "checkpoint_fingerprint", "checkpoint_train_config", "data_fingerprint", "decode_fingerprint",
+__all__ = ["Predictor", "checkpoint_decode_dtype", "checkpoint_fingerprint", "checkpoint_train_config", "data_fingerprint", "decode_fingerprint",
            "checkpoint_method", "decode_new_tokens", "default_method_name", "load_checkpoint", "model_predict_fn", "run_fingerprint",
            "validate_checkpoint"]

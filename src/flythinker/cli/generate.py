@@ -56,9 +56,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="what the repetition penalty and n-gram ban look at: prompt and output (all) or the "
                              "generated tokens only (response)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype for decoding; auto: bf16 where the hardware computes it natively (a "
-                             "CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; float32 for exact "
-                             "fp32 decoding. Predictions record the dtype used, so a resume never mixes two")
+                        help="weights dtype for decoding; auto: on a CPU with native bf16 (AVX512-BF16, AMX) "
+                             "whichever of fp32 and bf16 decodes faster at --decode.batch_size, measured once and "
+                             "cached; bf16 on a CUDA GPU with bf16; else fp32. float32 for exact fp32 decoding. "
+                             "Predictions record the dtype used, so a resume never mixes two")
     parser.add_argument("--decode.backend", "--decode-backend", dest="backend", default="auto",
                         choices=("auto", *BACKENDS), help="how FlyThinker's two calls per step run (DecodeConfig."
                         "concurrent); auto: measured once per machine, model pair and batch size on one CPU, else the "
@@ -175,20 +176,41 @@ def _cli_main(args: argparse.Namespace) -> int:
     if not examples:
         raise UserError(f"{args.data}: no examples")
     # The data fingerprint covers the whole dataset, so a resume may raise or drop --limit.
-    run = run_fingerprint(ckpt, examples, data_cfg, decode, args.dtype)
+    dtype = _decode_dtype(ckpt, args.dtype, decode, out, world)
+    run = run_fingerprint(ckpt, examples, data_cfg, decode, dtype)
     if args.limit > 0:
         examples = examples[: args.limit]
     method = args.method_name or default_method_name(ckpt)
     if world > 1:
-        return _data_parallel(args, ckpt, data_cfg, decode, examples, out, method, run, world, rank)
+        return _data_parallel(args, ckpt, data_cfg, decode, examples, out, method, run, world, rank, dtype)
     check_resume(out, method=method, run=run)
-    model, tokenizer = load_checkpoint(ckpt, args.dtype, reasoner_device=reasoner_device)
+    model, tokenizer = load_checkpoint(ckpt, dtype, reasoner_device=reasoner_device)
     fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn([e.id for e in examples])
     stats = generate_predictions(examples, fn, out, batch_size=decode.batch_size, method=method,
                                  progress=not args.no_progress, run=run)
     note = " (dropped a torn last line first)" if stats.repaired else ""
     print0(f"{stats.out_path}: {stats.written} new, {stats.skipped} already there, {stats.total} total{note}")
     return 0
+
+
+def _decode_dtype(ckpt: Path, dtype: str, decode, out: Path, world: int) -> str:
+    """The weights dtype to decode in, by name: an explicit --dtype as given; "auto" in a begun --out file the dtype
+    it was begun in (so a resume is never refused because a fresh measurement now prefers the other), else the one
+    that decodes faster at --decode.batch_size on this machine (`inference.checkpoint_decode_dtype`: measured and
+    cached on a CPU with native bf16, the fixed rule elsewhere and in a data-parallel run, whose processes would time
+    each other's load)."""
+    from ..inference import checkpoint_decode_dtype, recorded_decode_dtype
+    from ..utils import dtype_name, print0
+
+    if dtype != "auto":
+        return dtype
+    begun = recorded_decode_dtype(out, decode)
+    if begun is not None:
+        return dtype_name(begun)
+    choice = checkpoint_decode_dtype(ckpt, dtype, decode.batch_size)
+    if world == 1:
+        print0(choice.describe())
+    return choice.name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +258,7 @@ def _agree(error: UserError | None, what: str) -> None:
 
 
 def _data_parallel(args: argparse.Namespace, ckpt: Path, data_cfg: Any, decode: Any, examples: list[Any],
-                   out: Path, method: str, run: dict[str, str], world: int, rank: int) -> int:
+                   out: Path, method: str, run: dict[str, str], world: int, rank: int, dtype: str) -> int:
     """Process `rank` of `world` decodes its whole chunks (`predictions.shard_examples`) into
     `<out>.shard-<rank>-of-<world>.jsonl`, resumable like --out and skipping what --out already holds; when every
     process is done the main one merges the shards into --out in input order (atomically) and removes them. The
@@ -267,7 +289,7 @@ def _data_parallel(args: argparse.Namespace, ckpt: Path, data_cfg: Any, decode: 
     except UserError as e:
         error = e
     _agree(error, f"--out {out}")
-    model, tokenizer = load_checkpoint(ckpt, args.dtype, reasoner_device=_reasoner_device(args))
+    model, tokenizer = load_checkpoint(ckpt, dtype, reasoner_device=_reasoner_device(args))
     ids = [e.id for e in examples]
     fn = Predictor(model, tokenizer, data_cfg, decode).batch_fn(ids)
     mine = shard_examples(examples, decode.batch_size, rank, world)

@@ -3,7 +3,9 @@ and FlyThinker concurrent, compared per device (each model gets the same compute
 number of cores per model) and on the same machine (each method in its fastest configuration using all cores), at
 each weights dtype (float32, and bfloat16 where the hardware computes it natively; every configuration of every
 dtype is timed interleaved). The automatic choice ("auto": on one CPU device a short calibration, cached, see
-`flythinker.decoding.calibrate`) is timed as a row of its own beside the explicit configurations. Prints a table;
+`flythinker.decoding.calibrate`) is timed as a row of its own beside the explicit configurations; the dtype that
+`--dtype auto` picks at each batch (`flythinker.decoding.dtype_choice`) is reported beside it (auto_dtype,
+auto_dtype_source, auto_dtype_ms: the auto row in that dtype). Prints a table;
 the CLI ends with one JSON line.
 """
 
@@ -114,6 +116,7 @@ def _params(lm) -> int:
 def run_decode(args: DecodeBenchConfig) -> dict:
     """Run the benchmark, print the table, return the summary (the CLI prints it as the final JSON line)."""
     from ..decoding.concurrency import pinned_threads
+    from ..decoding.dtype_choice import choose_decode_dtype, decode_lms
     from ..decoding.sampling import DecodeConfig
     from ..methods.flythinker.config import FlyThinkerConfig
     from ..methods.flythinker.decode import choose_backend, per_token_macs
@@ -224,6 +227,13 @@ def run_decode(args: DecodeBenchConfig) -> dict:
                                 "source": choice.source if choice is not None else "rule"}
         summaries[batch].update(auto_backend=name, auto_threads=auto_by_batch[batch]["cpu_threads"],
                                 auto_source=auto_by_batch[batch]["source"])
+        # What `--dtype auto` decodes in at this batch (decoding.dtype_choice: measured on a CPU with native bf16,
+        # cached), and the auto row's ms/token in that dtype when this bench timed it.
+        with pinned_threads(n if device.type == "cpu" else None):
+            dt_choice = choose_decode_dtype(decode_lms(fly), batch, device=device)
+        auto_by_batch[batch]["dtype"] = dt_choice.name
+        summaries[batch].update(auto_dtype=dt_choice.name, auto_dtype_source=dt_choice.source,
+                                auto_dtype_ms=by_dtype.get(dt_choice.name, {}).get(batch, {}).get("auto_ms"))
     auto = auto_by_batch[1 if 1 in args.batch else args.batch[0]]["backend"]
     head = (f"flythinker bench decode: model={args.model} (Generator {_params(generator) / 1e6:.1f}M params, "
             f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={','.join(dtypes)} "
@@ -234,7 +244,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
           f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}")
     print("auto with " + (f"{n} threads" if device.type == "cpu" else str(device)) + ": " + ", ".join(
         f"batch {b} -> {a['backend']}" + (f" {a['cpu_threads'][0]}+{a['cpu_threads'][1]}" if a["cpu_threads"] else "")
-        + f" ({a['source']})" for b, a in auto_by_batch.items()))
+        + f" ({a['source']}), dtype {a['dtype']}" for b, a in auto_by_batch.items()))
     if load_before is not None and load_before > 0.5:
         print(f"warning: load average was {load_before:.2f} before the benchmark; timings may be contended")
     print(f"{'dtype':<9} {'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "

@@ -22,11 +22,12 @@ import torch
 from ..config import ConfigError, apply_overrides, to_dict
 from ..data import DataConfig, Example, encode_example
 from ..decoding.concurrency import place_reasoner
+from ..decoding.dtype_choice import choose_decode_dtype, decode_lms
 from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS, Method, ModelArgs, get_method
 from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
-from ..utils import UserError, resolve_dtype
+from ..utils import UserError, dtype_name, resolve_dtype
 
 SECTIONS = ("model", "data", "train")
 
@@ -145,10 +146,21 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
         result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
         result.train_steps = timing.get("train_steps", 0)
         result.train_losses = timing.get("train_losses", [])
-    # Decode as `flythinker generate --dtype auto` decodes the saved final/: bf16 weights where the hardware runs
-    # bf16 natively, fp32 elsewhere (training kept fp32 master weights). The resolved dtype is in the fingerprint,
-    # so a resumed study never mixes fp32 and bf16 predictions in one file.
-    decode_dtype = resolve_dtype("auto", next(model.parameters()).device)
+    # Decode in the faster weights dtype at this batch size (on a CPU with native bf16 measured once and cached,
+    # elsewhere the fixed rule: `decoding.dtype_choice`); training kept fp32 master weights. A predictions file
+    # already begun keeps the dtype it was begun in, so a resumed study never mixes fp32 and bf16 predictions in one
+    # file (the dtype is in the fingerprint) even when a fresh measurement would now choose the other.
+    from ..inference import recorded_decode_dtype
+
+    model.eval()
+    decode_dtype = recorded_decode_dtype(result.predictions, decode)
+    if decode_dtype is None:
+        choice = choose_decode_dtype(decode_lms(model), decode.batch_size)
+        decode_dtype = choice.dtype
+        log(f"[{spec.name}] {choice.describe()}")
+    else:
+        log(f"[{spec.name}] decode dtype: {dtype_name(decode_dtype)} (as {result.predictions.name} was begun)")
+    timing["decode_dtype"] = dtype_name(decode_dtype)  # what remeasure_decode times this row in
     model.to(decode_dtype).eval()
     place_reasoner(model, reasoner_device)
 
@@ -238,7 +250,7 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
             model = (spec.impl.load(res.predictions.parent / "train" / "final") if spec.trained
                      else load_method_model(spec, model_args)[0])
             ids = encode_example(example, tokenizer, spec.data_config(data), with_response=False)["prompt_ids"]
-            model = model.to(resolve_dtype("auto", next(model.parameters()).device)).eval()
+            model = model.to(_row_decode_dtype(res, model)).eval()
             configs.append((place_reasoner(model, reasoner_device), None, {"concurrent": concurrent}))
             prompts.append(torch.tensor([ids]))
         log(f"timing decode of {', '.join(r.name for r in results)} (interleaved, {runs} runs x {new_tokens} tokens)")
@@ -248,6 +260,18 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
         atomic_write_text(cache, json.dumps(saved, indent=2))
     for r in results:
         r.decode_ms_per_token = saved["ms_per_token"][r.name]
+
+
+def _row_decode_dtype(res: MethodResult, model: Any) -> torch.dtype:
+    """The dtype a row's predictions were decoded in (its timing.json "decode_dtype"); rows written before that
+    was recorded were decoded by the fixed rule."""
+    try:
+        name = json.loads((res.predictions.parent / "timing.json").read_text()).get("decode_dtype")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name in ("float32", "bfloat16", "float16"):
+        return getattr(torch, name)
+    return resolve_dtype("auto", next(model.parameters()).device)
 
 
 def _slug(name: str) -> str:
