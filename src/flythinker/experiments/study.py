@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict
+from ..config import ConfigError, to_dict
 from ..data import DataConfig
 from ..decoding.sampling import DecodeConfig
 from ..methods import METHODS
@@ -53,14 +53,20 @@ class Variant:
 
 @dataclass
 class AblationConfig:
-    """Reduced-budget ablations on one split (paper Figures 5-6): a list of override points, plus axis shortcuts
-    that expand to points (lams: [0.2] is the point {name: lam=0.2, overrides: {model.fusion.lam: 0.2}})."""
+    """Reduced-budget ablations on one split (paper Figures 5-6, Table 4): a list of override points, plus axis
+    shortcuts that expand to points (lams: [0.2] is the point {name: lam=0.2, overrides: {model.fusion.lam: 0.2}})."""
 
     split: str = "user"
     lams: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5, 1.0, 2.0, 5.0])
     """λ values (Figure 6); empty disables."""
     reasoner_layers: list[int] = field(default_factory=lambda: [4, 8])
-    """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); empty disables."""
+    """Reasoner depths, as first-k-layer cuts of the Generator (Figure 5); the Generator's depth (30 for SmolLM2)
+    is a full copy of it, a deeper value is an error before any model loads; empty disables."""
+    history_k: list[int] = field(default_factory=list)
+    """History lengths (App. J, Table 4), each k >= 1. Each k is two points, `k=K` (FlyThinker) and `SFT k=K` (k
+    changes every method's prompt, so each k has its own SFT reference), with data.k = K and the profile budget
+    grown with k: data.profile_tokens = round(K x the study's data.profile_tokens / the study's data.k), the same
+    share per item; empty disables."""
     normalize: list[str] = field(default_factory=list)
     """FlyThinkerConfig.normalize variants (center, standardize) at the experiment's λ; not in the paper."""
     scopes: list[Scope] = field(default_factory=list)
@@ -78,12 +84,23 @@ class AblationConfig:
         bad = [m for m in self.normalize if m not in valid]
         if bad:
             raise UserError(f"ablation.normalize: unknown variant(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+        for name in ("reasoner_layers", "history_k"):
+            values = getattr(self, name)
+            if any(v < 1 for v in values):
+                raise ConfigError(f"ablation.{name}: every value must be >= 1; got {values}")
+            if len(set(values)) < len(values):
+                raise ConfigError(f"ablation.{name}: a value is listed twice; got {values}")
 
-    def all_points(self) -> list[tuple[str, Any, Variant]]:
-        """(axis, value, point) for every ablation point, then the SFT reference point."""
+    def all_points(self, data: DataConfig | None = None) -> list[tuple[str, Any, Variant]]:
+        """(axis, value, point) for every ablation point, then the SFT reference point. data: the study's data
+        settings, which the history_k points scale (the default DataConfig when None)."""
         pts = [("lam", v, Variant(f"lam={v:g}", {"model.fusion.lam": v})) for v in self.lams]
         pts += [("reasoner_layers", k, Variant(f"layers={k}", {"model.reasoner": str(k)}))
                 for k in self.reasoner_layers]
+        for k in self.history_k:
+            over = {"data.k": k, "data.profile_tokens": history_profile_tokens(k, data or DataConfig())}
+            pts += [("history_k", k, Variant(f"k={k}", over)),
+                    ("history_k_sft", k, Variant(f"SFT k={k}", dict(over), method="sft"))]
         pts += [("normalize", m, Variant(f"normalize={m}", {"model.fusion.normalize": m})) for m in self.normalize]
         pts += [("scope", sc, Variant(f"scope={sc}", {"model.fusion.scope": sc})) for sc in self.scopes]
         pts += [("lr_reasoner", lr, Variant(f"lr_reasoner={lr:g}", {"train.lr_reasoner": lr}))
@@ -92,6 +109,15 @@ class AblationConfig:
         if pts:
             pts.append(("sft", None, Variant("SFT", method="sft")))
         return pts
+
+
+def history_profile_tokens(k: int, data: DataConfig) -> int:
+    """The profile budget of a k-item history point: the study's per-item share (data.profile_tokens / data.k)
+    times k, rounded, so a longer history gets proportionally more tokens rather than thinner items."""
+    if data.k < 1:
+        raise ConfigError(f"ablation.history_k: the study's data.k must be >= 1 to scale data.profile_tokens per "
+                          f"item; got data.k = {data.k}")
+    return max(1, round(k * data.profile_tokens / data.k))
 
 
 @dataclass
@@ -139,6 +165,10 @@ class StudyConfig:
         for v in self.variants + self.ablation.points:
             spec = v.spec()  # checks the method and every override key now, not hours into the run
             spec.model_args(self.model), spec.data_config(self.data), spec.train_args(self.train)
+        points = [p.name for _, _, p in self.ablation.all_points(self.data)]  # the axes' budgets are checked here
+        dup = sorted({n for n in points if points.count(n) > 1})
+        if dup:  # a point's results folder is keyed by its name: two points of one name would share it
+            raise UserError(f"ablation: point name(s) {', '.join(dup)} used twice")
         names = [METHODS[m].display for m in self.methods] + [v.name for v in self.variants]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -180,11 +210,12 @@ def check_plan(cfg: StudyConfig) -> dict[str, tuple[list, list]]:
     if not root.is_dir():
         raise UserError(f"data_root {root} is not a directory")
     check_output_dir(cfg.out, "out")
-    if not cfg.splits and not cfg.ablation.all_points():
+    if not cfg.splits and not cfg.ablation.all_points(cfg.data):
         raise UserError("nothing to run: splits is empty and there are no ablation points")
+    check_reasoner_depths(cfg)
     if not cfg.methods and not cfg.variants and cfg.splits:
         raise UserError("nothing to compare: methods and variants are both empty")
-    splits = list(dict.fromkeys(cfg.splits + ([cfg.ablation.split] if cfg.ablation.all_points() else [])))
+    splits = list(dict.fromkeys(cfg.splits + ([cfg.ablation.split] if cfg.ablation.all_points(cfg.data) else [])))
     files = {s: _split_files(root, s) for s in splits}  # a missing split fails here, naming it
     plan = {}
     for split, (train_file, dev_file) in files.items():
@@ -197,6 +228,38 @@ def check_plan(cfg: StudyConfig) -> dict[str, tuple[list, list]]:
                             f"({cfg.tune_examples}) pool; nothing is left to report")
         plan[split] = (_sample(train, cfg.train_examples, cfg.seed), reported)
     return {s: plan[s] for s in cfg.splits}
+
+
+def generator_depth(generator: str) -> int | None:
+    """The Generator's layer count from its config alone, no weights: the embedded default's, or a local model
+    directory's config.json; None when it cannot be known without loading (a hub id: the load checks it)."""
+    from ..default_model import DEFAULT_NUM_LAYERS
+
+    if str(generator).strip().lower() in ("", "default", "auto"):
+        return DEFAULT_NUM_LAYERS
+    p = Path(str(generator)).expanduser()
+    if not (p / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(p))
+    except (OSError, ValueError):  # a folder the model load itself will report, with its own message
+        return None
+    n = getattr(hf, "num_hidden_layers", None) or getattr(getattr(hf, "text_config", None), "num_hidden_layers", None)
+    return int(n) if n else None
+
+
+def check_reasoner_depths(cfg: StudyConfig) -> None:
+    """A Reasoner cut of the Generator is at most all of it (a full copy): a deeper ablation.reasoner_layers value
+    is a one-line error now, not when its point comes up after the main comparison has run."""
+    if not cfg.ablation.reasoner_layers:
+        return
+    depth = generator_depth(cfg.model.generator)
+    deep = [k for k in cfg.ablation.reasoner_layers if depth is not None and k > depth]
+    if deep:
+        raise UserError(f"ablation.reasoner_layers: {', '.join(map(str, deep))} exceeds the Generator's depth "
+                        f"({depth} layers; {depth} is a full copy of it)")
 
 
 def dev_pools(dev, cfg: StudyConfig) -> tuple[list, list]:
@@ -250,7 +313,7 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
                                     "files": rep.files}
         _write(out, summary, metrics)
 
-    if cfg.ablation.all_points():
+    if cfg.ablation.all_points(cfg.data):
         summary["ablations"] = run_ablations(cfg, metrics, tok, log)
         _write(out, summary, metrics)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -260,11 +323,13 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
 
 
 def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
-    """λ sweep and Reasoner-depth sweep on a reduced budget; each point: metrics on a few dev examples plus the
-    teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on small samples)."""
+    """The ablation points (λ, Reasoner depth, history length, ...) on a reduced budget; each point: metrics on a
+    few dev examples plus the teacher-forced dev NLL per token (cheap and far less noisy than generation metrics on
+    small samples). Then Figures 5 and 6 and Table 4 (`ablation_plots`) into out/ablations/, listed in `files`."""
     from ..data import load_examples
     from ..evaluation.report import EvalConfig, run_evaluation
     from ..training.loop import validate
+    from .ablation_plots import write_ablation_figures
     from .runner import load_method_model, run_method
 
     ab = cfg.ablation
@@ -275,7 +340,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     dev = (dev_pools(all_dev, cfg)[0] if cfg.tune_examples > 0 else _sample(all_dev, 0, cfg.seed))[: ab.eval_examples]
     decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
     out = Path(cfg.out) / "ablations"
-    points = [(axis, value, p.spec()) for axis, value, p in ab.all_points()]
+    points = [(axis, value, p.spec()) for axis, value, p in ab.all_points(cfg.data)]
     rows = []
     for axis, value, spec in points:
         log(f"== ablation {spec.name}")
@@ -303,15 +368,19 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
             nlls["dev_nll"] = validate(model, dev_feats, tok.pad_token_id)
             del model
             atomic_write_text(nll_file, json.dumps(nlls, indent=2))
-        rows.append({"axis": axis, "value": value, "name": spec.name, "dev_nll": nlls["dev_nll"],
+        rows.append({"axis": axis, "value": value, "name": spec.name, "overrides": spec.overrides,
+                     "dev_nll": nlls["dev_nll"],
                      "init_dev_nll": nlls["init_dev_nll"], "predictions": str(res.predictions),
                      "train_s_per_step": res.train_s_per_step})
     rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
                          EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
     for r in rows:
         r["metrics"] = rep.methods.get(r["name"], {}).get("metrics", {})
-    return {"split": ab.split, "train_examples": len(train), "eval_examples": len(dev), "rows": rows,
-            "comparisons": rep.comparisons}
+    result = {"split": ab.split, "train_examples": len(train), "eval_examples": len(dev), "rows": rows,
+              "comparisons": rep.comparisons}
+    # Figures 5 and 6 and Table 4 from the rows just scored (an axis with fewer than 2 points has none)
+    result["files"] = write_ablation_figures(result, out, metrics)
+    return result
 
 
 def _tokenizer(model: ModelArgs):
@@ -364,5 +433,7 @@ def render_summary(summary: dict, metrics) -> str:
             lines.append(f"| {r['name']} | {f(r.get('init_dev_nll'))} | {f(r['dev_nll'])} | "
                          + " | ".join(f(r['metrics'].get(k)) for k in metrics)
                          + " |")
+        if ab.get("files"):  # Figures 5 and 6 and Table 4 (ablation_plots), those whose axis has 2+ points
+            lines += ["", "Ablation figures and tables: " + ", ".join(ab["files"].values())]
         lines.append("")
     return "\n".join(lines)
