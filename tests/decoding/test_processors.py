@@ -15,7 +15,7 @@ import torch
 
 from flythinker import FlyThinker, FlyThinkerConfig
 from flythinker.decoding import loop
-from flythinker.decoding.continuous import RowBatch, RowSampler
+from flythinker.decoding.continuous import RowSampler
 from flythinker.decoding.sampling import (
     NO_TOKEN,
     DecodeConfig,
@@ -23,6 +23,7 @@ from flythinker.decoding.sampling import (
     build_logits_processor,
     sample_next_token,
 )
+from tests.serving.helpers import Join, run_schedule
 
 from .test_loop import V, _lm, _prompts
 
@@ -266,32 +267,8 @@ def test_cot_forced_delimiter_survives_an_ngram_ban():
 
 def _run_rows(model, schedule):
     """schedule: {step: [(name, prompt ids (1, T), n_tokens, settings)]}; returns {name: tokens}."""
-    batch, sampler = RowBatch(model, room=4), RowSampler(eos_token_id=[])
-    live, got, logits, step = [], {}, None, 0
-    while step in schedule or live or any(k > step for k in schedule):
-        for name, ids, n, settings in schedule.get(step, []):
-            new = batch.add(ids, torch.ones_like(ids), room=2)
-            logits = new if logits is None else torch.cat([logits, new])
-            live.append((name, n))
-            got[name] = []
-            sampler.add(settings, new.device, prompt_ids=ids[0])
-        step += 1
-        if not live:
-            continue
-        tokens = sampler.sample(logits)
-        for (name, _), t in zip(live, tokens.tolist()):
-            got[name].append(t)
-        keep = [i for i, (name, n) in enumerate(live) if len(got[name]) < n]
-        if len(keep) < len(live):
-            batch.keep(keep)
-            sampler.keep(keep)
-            live = [live[i] for i in keep]
-            if not live:
-                logits = None
-                continue
-            tokens = tokens[keep]
-        logits = batch.step(tokens)
-    batch.close()
+    got, _ = run_schedule(model, {step: [Join(*row) for row in rows] for step, rows in schedule.items()},
+                          eos_token_id=[])
     return got
 
 

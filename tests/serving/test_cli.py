@@ -116,3 +116,29 @@ def test_untrained_model_through_the_method_registry(tmp_path):
     cfg = serve_config(_args("--model.method", "sft", "--model.generator", str(gen)))
     model, _, name = load_model(cfg)
     assert name == "sft-untrained" and model.reasoner is None
+
+
+def test_serve_model_method_cos_builds_the_steered_generator(tmp_path):
+    """`flythinker serve --model.method cos` serves context steering (an untrained method ModelArgs alone refuses);
+    other untrained methods are one-line errors naming the method."""
+    from flythinker.methods.cos import CoSModel
+    from flythinker.serving.service import Service, load_model
+    from flythinker.testing import tiny_lm, tiny_tokenizer
+
+    gen = tmp_path / "gen"
+    tiny_lm("llama", seed=3).save_pretrained(gen)
+    tiny_tokenizer().save_pretrained(gen)
+    cfg = serve_config(_args("--model.method", "cos", "--model.generator", str(gen), "--model.cos.lam", "0.5",
+                             "--db", f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    assert cfg.model.method == "cos"
+    model, _, name = load_model(cfg)
+    assert isinstance(model, CoSModel) and model.cos.lam == 0.5 and model.reasoner is None and not model.training
+    assert name == "cos-untrained"
+    svc = Service.from_config(cfg)
+    try:
+        assert svc.engine.batching == "continuous" and isinstance(svc.model, CoSModel)
+    finally:
+        svc.db.close()
+    with pytest.raises(ConfigError, match="'rag' cannot be served") as e:
+        serve_config(_args("--model.method", "rag"))
+    assert "\n" not in str(e.value)

@@ -11,6 +11,7 @@ import torch
 from flythinker.decoding.continuous import RowBatch, RowSampler, RowsUnsupported, unsupported_reason
 
 from .conftest import scaled_tiny_model
+from .helpers import Join, run_schedule
 
 TEXTS = ["Write a review.", "Write a long and detailed review of the new album with warm melodies and honest lyrics.",
          "The songs.", "I loved this album because the melodies are warm.", "Overall, the sound is great."]
@@ -34,52 +35,10 @@ def _solo(model, ids, n, **kw):
     return out[0].tolist()
 
 
-def _cache_len(batch):
-    return batch.stepper.state.T + batch.stepper.state.t
-
-
 def _run_schedule(model, tok, schedule, concurrent="auto"):
-    """schedule: {step: [(name, text, n_tokens), ...]}: rows joining before that step's sampling. Rows leave after
-    their n tokens. Returns ({name: tokens}, cache lengths seen after each leave, rows live then)."""
-    batch = RowBatch(model, concurrent=concurrent, room=4)
-    sampler = RowSampler()
-    live: list[tuple[str, int]] = []
-    got: dict[str, list[int]] = {}
-    logits = None
-    shrink = []
-    step = 0
-    while step in schedule or live or any(k > step for k in schedule):
-        for name, text, n in schedule.get(step, []):
-            ids = _ids(tok, text)
-            new = batch.add(ids, torch.ones_like(ids), room=2)
-            logits = new if logits is None else torch.cat([logits, new])
-            live.append((name, n))
-            got[name] = []
-            sampler.add({"do_sample": False}, new.device)
-        step += 1
-        if not live:
-            continue
-        tokens = sampler.sample(logits)
-        for (name, _), t in zip(live, tokens.tolist()):
-            got[name].append(t)
-        keep = [i for i, (name, n) in enumerate(live) if len(got[name]) < n]
-        if len(keep) < len(live):
-            batch.keep(keep)
-            sampler.keep(keep)
-            live = [live[i] for i in keep]
-            if not live:
-                logits = None
-                continue
-            shrink.append((_cache_len(batch), [len(tok.encode(_text(schedule, nm))) + len(got[nm]) - 1
-                                               for nm, _ in live]))
-            tokens = tokens[keep]
-        logits = batch.step(tokens)
-    batch.close()
-    return got, shrink
-
-
-def _text(schedule, name):
-    return next(t for rows in schedule.values() for n, t, _ in rows if n == name)
+    """schedule: {step: [(name, text, n_tokens), ...]}, greedy rows, driven by `helpers.run_schedule`."""
+    return run_schedule(model, {step: [Join(name, _ids(tok, text), n) for name, text, n in rows]
+                                for step, rows in schedule.items()}, concurrent=concurrent)
 
 
 @pytest.mark.parametrize("kind", ["flythinker", "sft"])
@@ -170,3 +129,65 @@ def test_supported_models_have_no_reason(models):
     assert unsupported_reason(models["flythinker"][0]) is None
     assert unsupported_reason(models["sft"][0]) is None
     assert unsupported_reason(models["sft"][0].generator) is not None  # a bare HF model has no decoder()
+
+
+@pytest.fixture(scope="module")
+def looping_sft():
+    """An SFT model whose greedy text repeats n-grams (weights scaled less), so a ban changes it."""
+    from flythinker import FlyThinker
+
+    fly, tok = scaled_tiny_model(scale=0.1)
+    return FlyThinker(fly.generator, None, tokenizer=tok).eval(), tok
+
+
+@pytest.mark.parametrize("scope", ["all", "response"])
+def test_a_rows_ban_does_not_leak_into_another_row(looping_sft, scope):
+    """Row b's prompt holds row a's whole solo continuation, so if b's history (prompt, scope all) or b's tokens
+    reached a's processors, a's n-gram ban would change a's tokens. Joining mid-decode or prefilled together
+    (left-padded), each row writes exactly its solo tokens."""
+    model, tok = looping_sft
+    ban = {"do_sample": False, "no_repeat_ngram_size": 2, "repetition_penalty": 1.2, "penalty_scope": scope}
+    a = _ids(tok, TEXTS[0])
+    solo_a = _solo(model, a, 10, **ban)
+    b = torch.cat([a, torch.tensor([solo_a])], dim=1)
+    solo_b = _solo(model, b, 8, **ban)
+    assert solo_a != _solo(model, a, 10)  # the ban changes a's text, so a leak could show
+    for schedule in ({0: [Join("a", a, 10, ban)], 2: [Join("b", b, 8, ban)]},
+                     {0: [Join("b", b, 8, ban), Join("a", a, 10, ban)]}):
+        got, _ = run_schedule(model, schedule, eos_token_id=[])
+        assert got == {"a": solo_a, "b": solo_b}, schedule
+
+
+@pytest.fixture(scope="module")
+def cos_model(models):
+    from flythinker.methods.configs import CoSConfig
+    from flythinker.methods.cos import CoSModel
+
+    fly, tok = models["flythinker"]
+    return CoSModel(fly.generator, CoSConfig(lam=1.5), tokenizer=tok).eval(), tok
+
+
+def test_cos_rows_joining_mid_decode_match_their_solo_steered_tokens(cos_model):
+    """CoS's two caches (with and without the history, of different lengths) are merged and compacted each on
+    its own: rows joining and leaving write exactly what `CoSModel.generate` writes for them alone."""
+    model, tok = cos_model
+    rows = {"a": (TEXTS[1], TEXTS[0], 12), "b": (TEXTS[0], TEXTS[2], 6), "c": (TEXTS[3], TEXTS[4], 9),
+            "d": (TEXTS[4], TEXTS[1], 5)}  # name: (prompt with history, prompt without, tokens)
+
+    def join(name, settings=None):
+        ctx, plain, n = rows[name]
+        p = _ids(tok, plain)
+        return Join(name, _ids(tok, ctx), n, settings, {"plain_input_ids": p, "plain_attention_mask": torch.ones_like(p)})
+
+    def solo(name, **kw):
+        ctx, plain, n = rows[name]
+        p = _ids(tok, plain)
+        return model.generate(_ids(tok, ctx), plain_input_ids=p, max_new_tokens=n, eos_token_id=[], **kw)[0].tolist()
+
+    ban = {"do_sample": False, "no_repeat_ngram_size": 2}
+    got, _ = run_schedule(model, {0: [join("a")], 2: [join("b"), join("c", ban)], 4: [join("d")]}, eos_token_id=[])
+    assert got == {"a": solo("a"), "b": solo("b"), "c": solo("c", **ban), "d": solo("d")}
+    unsteered = model.generate(_ids(tok, rows["a"][0]), max_new_tokens=12, eos_token_id=[],
+                               plain_input_ids=_ids(tok, rows["a"][0]))[0].tolist()
+    assert got["a"] != unsteered  # the history-free prompt reached the decode
+    assert unsupported_reason(model) is None

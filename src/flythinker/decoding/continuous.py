@@ -15,6 +15,11 @@ there), every row keeps its own position ids (RoPE never sees the padding), and 
 fusion mask are concatenated. Leaving rows are dropped with index_select on every cache tensor, and the leading
 columns no remaining row attends to are cut, so the caches stay as long as the longest live row.
 
+A stepper may hold several sub-decodes, each with its own prompt, positions and caches (CoS's `CoSStepper`: one
+cache over the prompt with the user's history and one over the prompt without it, of different lengths); each is
+merged and compacted on its own. Method-specific prompts reach `model.decoder` as keywords of `RowBatch.add`
+(`plain_input_ids=` / `plain_attention_mask=` for CoS, the names its `generate` takes).
+
 The steppers do not offer row surgery themselves, so `_StepperRows` knows, per stepper class, which of its
 attributes hold per-row state. A model whose stepper is not one of those (or whose cache has layers other than
 plain dynamic ones, e.g. sliding-window) raises `RowsUnsupported` and callers fall back to wave batching.
@@ -105,21 +110,36 @@ def select_cache(cache: Any, rows: torch.Tensor, start: int = 0) -> None:
 
 
 class _StepperRows:
-    """Per-row state of one stepper class: its caches, its other (B, ...) tensors, and where its mask and positions
-    live. The methods read and write attributes of the decode loop's steppers (see the module docstring)."""
+    """Per-row state of one stepper class: its sub-decodes (`parts`: each with its own `.state`, caches and mask),
+    its other (B, ...) tensors, and the caches the side stream reads. The methods read and write attributes of the
+    decode loop's steppers (see the module docstring)."""
 
     @staticmethod
     def for_stepper(stepper: Any) -> _StepperRows:
         if type(stepper) is CausalLMStepper:
             return _CausalRows()
+        from ..methods.cos import CoSStepper
         from ..methods.flythinker.decode import FlyThinkerStepper
 
         if type(stepper) is FlyThinkerStepper:
             return _FlyThinkerRows()
+        if type(stepper) is CoSStepper:
+            return _CoSRows()
         raise RowsUnsupported(f"{type(stepper).__name__} does not support rows joining and leaving")
+
+    def parts(self, s: Any) -> list[tuple[Any, _StepperRows]]:
+        """The sub-decodes of `s` that own a PromptState (`.state`) and caches, with their row operations."""
+        return [(s, self)]
 
     def caches(self, s: Any) -> list[Any]:
         raise NotImplementedError
+
+    def side_caches(self, s: Any) -> list[Any]:
+        """The caches the cuda_streams backend's side stream reads and writes."""
+        return []
+
+    def settle(self, s: Any) -> None:
+        """Refresh what `s` derives from its parts' states after surgery."""
 
     def tensors(self, s: Any) -> dict[str, torch.Tensor]:
         return {}
@@ -141,6 +161,9 @@ class _FlyThinkerRows(_StepperRows):
     def caches(self, s: Any) -> list[Any]:
         return [*s.g_kw.values(), s.r_cache]
 
+    def side_caches(self, s: Any) -> list[Any]:
+        return [s.r_cache]
+
     def tensors(self, s: Any) -> dict[str, torch.Tensor]:
         return {"r_prev": s.r_prev, "step_fusion": s.step_fusion}      # (B, 1, H_R), (B, 1)
 
@@ -148,6 +171,24 @@ class _FlyThinkerRows(_StepperRows):
         s.state = state
         s.mask_r = state.mask.to(s.r_dev)
         s.step_pos_r = state.step_pos.to(s.r_dev)
+
+
+class _CoSRows(_StepperRows):
+    """CoS: two `CausalLMStepper`s of one model (with and without the user's history), each resized on its own."""
+
+    def parts(self, s: Any) -> list[tuple[Any, _StepperRows]]:
+        return [(s.ctx, _CausalRows()), (s.noctx, _CausalRows())]
+
+    def caches(self, s: Any) -> list[Any]:
+        return [*s.ctx.cache_kw.values(), *s.noctx.cache_kw.values()]
+
+    def side_caches(self, s: Any) -> list[Any]:
+        return list(s.noctx.cache_kw.values())
+
+    def settle(self, s: Any) -> None:
+        # the tensors a stream backend records for the history-free call (a resized state has no prompt fields)
+        st = s.noctx.state
+        s._side_inputs = tuple(t for t in (st.ids, st.mask, st.prompt_pos, st.step_pos) if t is not None)
 
 
 def _state(mask: torch.Tensor, next_pos: torch.Tensor, room: int) -> PromptState:
@@ -230,11 +271,13 @@ class RowBatch:
         return DecodeConfig(max_new_tokens=max(1, room), concurrent=self.concurrent, cpu_threads=self.cpu_threads)
 
     @torch.inference_mode()
-    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, room: int | None = None) -> torch.Tensor:
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, room: int | None = None,
+            **inputs: torch.Tensor) -> torch.Tensor:
         """Prefill a left-padded (n, T) prompt batch as new rows at the end; return their first logits (n, V).
-        room: a hint of how many steps they may take (buffers grow when it runs out)."""
+        room: a hint of how many steps they may take (buffers grow when it runs out). inputs: further (n, T')
+        prompts the model's `decoder` takes by keyword (CoS: plain_input_ids, plain_attention_mask)."""
         room = max(self.room, int(room or 0))
-        new = self.model.decoder(input_ids, attention_mask, self._cfg(room))
+        new = self.model.decoder(input_ids, attention_mask, self._cfg(room), **inputs)
         try:
             ops = _StepperRows.for_stepper(new)
             if self.ops is not None and type(ops) is not type(self.ops):
@@ -256,16 +299,18 @@ class RowBatch:
 
     def _merge(self, new: Any, n: int) -> None:
         host, ops = self.stepper, self.ops
-        mask_a, pos_a, room_a = _cached(host.state)
-        mask_b, pos_b, room_b = _cached(new.state)
-        length = max(mask_a.shape[1], mask_b.shape[1])
-        for a, b in zip(ops.caches(host), ops.caches(new)):
-            merge_caches(a, b, length)
+        for (part, part_ops), (other, _) in zip(ops.parts(host), ops.parts(new)):
+            mask_a, pos_a, room_a = _cached(part.state)
+            mask_b, pos_b, room_b = _cached(other.state)
+            length = max(mask_a.shape[1], mask_b.shape[1])
+            for a, b in zip(part_ops.caches(part), part_ops.caches(other)):
+                merge_caches(a, b, length)
+            mask = torch.cat([F.pad(mask_a, (length - mask_a.shape[1], 0)),
+                              F.pad(mask_b.to(mask_a.device), (length - mask_b.shape[1], 0))], dim=0)
+            part_ops.set_state(part, _state(mask, torch.cat([pos_a, pos_b.to(pos_a.device)]), max(room_a, room_b)))
         ops.set_tensors(host, {k: torch.cat([v, ops.tensors(new)[k].to(v.device)], dim=0)
                                for k, v in ops.tensors(host).items()})
-        mask = torch.cat([F.pad(mask_a, (length - mask_a.shape[1], 0)),
-                          F.pad(mask_b.to(mask_a.device), (length - mask_b.shape[1], 0))], dim=0)
-        ops.set_state(host, _state(mask, torch.cat([pos_a, pos_b.to(pos_a.device)]), max(room_a, room_b)))
+        ops.settle(host)
         self._streams_settle(host)
         new.close()
         self.rows += n
@@ -277,10 +322,15 @@ class RowBatch:
             raise ValueError("step() on an empty batch")
         if tokens.shape[0] != self.rows:
             raise ValueError(f"step() got {tokens.shape[0]} tokens for {self.rows} rows")
-        st = self.stepper.state
-        if st.t >= st.step_pos.shape[1]:  # out of room: fresh buffers with more
-            mask, pos, _ = _cached(st)
-            self.ops.set_state(self.stepper, _state(mask, pos, self.room))
+        grown = False
+        for part, part_ops in self.ops.parts(self.stepper):
+            st = part.state
+            if st.t >= st.step_pos.shape[1]:  # out of room: fresh buffers with more
+                mask, pos, _ = _cached(st)
+                part_ops.set_state(part, _state(mask, pos, self.room))
+                grown = True
+        if grown:
+            self.ops.settle(self.stepper)
         return self.stepper.step(tokens.to(self.device))
 
     @torch.inference_mode()
@@ -293,20 +343,22 @@ class RowBatch:
             self.close()
             return
         host, ops = self.stepper, self.ops
-        mask, pos, room = _cached(host.state)
-        idx = torch.tensor(rows, dtype=torch.long, device=mask.device)
-        mask = mask.index_select(0, idx)
-        # Columns no remaining row attends to (they were padding for all of them) leave the caches too.
-        start = int(mask.any(0).long().argmax()) if mask.shape[1] else 0
-        for c in ops.caches(host):
-            select_cache(c, idx, start)
-        ops.set_tensors(host, {k: v.index_select(0, idx.to(v.device)) for k, v in ops.tensors(host).items()})
-        ops.set_state(host, _state(mask[:, start:], pos.index_select(0, idx), max(room, 1)))
+        for part, part_ops in ops.parts(host):
+            mask, pos, room = _cached(part.state)
+            idx = torch.tensor(rows, dtype=torch.long, device=mask.device)
+            mask = mask.index_select(0, idx)
+            # Columns no remaining row attends to (they were padding for all of them) leave the caches too.
+            start = int(mask.any(0).long().argmax()) if mask.shape[1] else 0
+            for c in part_ops.caches(part):
+                select_cache(c, idx, start)
+            part_ops.set_state(part, _state(mask[:, start:], pos.index_select(0, idx), max(room, 1)))
+        ops.set_tensors(host, {k: v.index_select(0, torch.tensor(rows, dtype=torch.long, device=v.device))
+                               for k, v in ops.tensors(host).items()})
+        ops.settle(host)
         self._streams_settle(host)
         self.rows = len(rows)
 
-    @staticmethod
-    def _streams_settle(host: Any) -> None:
+    def _streams_settle(self, host: Any) -> None:
         """After surgery on CUDA: wait for it to finish, and mark the new Reasoner tensors as used by the side
         stream (the cuda_streams backend), so the caching allocator never recycles them while a side-stream kernel
         may still read them."""
@@ -315,7 +367,7 @@ class RowBatch:
             return
         side = getattr(getattr(host, "backend", None), "side", None)
         if side is not None:
-            for c in _StepperRows.for_stepper(host).caches(host)[1:]:
+            for c in self.ops.side_caches(host):
                 for layer in _layers(c):
                     if _live(layer):
                         layer.keys.record_stream(side)

@@ -12,9 +12,10 @@ one model, batched with left padding, their two calls per step run by the decode
 `inference.Predictor` through `encode_prompts`) and the registry entry (`CoS`).
 
 The second prompt reaches the decode as `generate(..., plain_input_ids=, plain_attention_mask=)`; `generate` and
-`stream` refuse to run without it. Only the bare loop protocol (`decoder(input_ids, attention_mask, cfg)`, what the
-timing benchmarks and the server's engine call) has no room for it: there the history-free cache reads the same
-prompt, which costs what CoS costs (two cached passes per token) but steers nothing.
+`stream` refuse to run without it, and `decoder(...)` takes it by the same keywords (the server's continuous batch).
+Only the bare loop protocol (`decoder(input_ids, attention_mask, cfg)`, what the timing benchmarks call) has no room
+for it: there the history-free cache reads the same prompt, which costs what CoS costs (two cached passes per
+token) but steers nothing.
 """
 
 from __future__ import annotations
@@ -152,10 +153,18 @@ class CoSModel(FlyThinker):
 
     # -- decoding
 
-    def decoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: DecodeConfig) -> CoSStepper:
-        """The bare-loop decoder (timing, the server's engine): no history-free prompt reaches it, so both caches
-        read `input_ids` (CoS's cost, RAG's output). `generate` / `stream` steer."""
-        return CoSStepper(self.generator, input_ids, attention_mask, input_ids, attention_mask, cfg, self.cos.lam)
+    def decoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: DecodeConfig,
+                plain_input_ids: torch.Tensor | None = None,
+                plain_attention_mask: torch.Tensor | None = None) -> CoSStepper:
+        """The loop-protocol decoder. With plain_input_ids / plain_attention_mask (the server's continuous batch
+        passes them) it steers; without them (the bare loop: timing) both caches read `input_ids`: CoS's cost,
+        RAG's output. `generate` / `stream` steer."""
+        if plain_input_ids is None:
+            plain_input_ids, plain_attention_mask = input_ids, attention_mask
+        elif plain_attention_mask is None:
+            plain_attention_mask = torch.ones_like(plain_input_ids)
+        return CoSStepper(self.generator, input_ids, attention_mask, plain_input_ids, plain_attention_mask, cfg,
+                          self.cos.lam)
 
     def _bound(self, input_ids: torch.Tensor, plain_input_ids: torch.Tensor | None,
                plain_attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> _Steered:

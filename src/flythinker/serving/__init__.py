@@ -7,7 +7,7 @@
     service.py   requests -> prompts (inference.Predictor + retrieval) -> the engine; loading from a ServeConfig
     app.py       the FastAPI routes (native API, OpenAI-compatible chat completions, playground at /)
     errors.py    the one JSON error shape and the handlers that enforce it
-    config.py    ServeConfig / Limits (the `flythinker serve` settings)
+    config.py    ServeConfig / Limits / ServeModelArgs (the `flythinker serve` settings)
 
 Importing this package loads nothing heavy; `create_app(service)` builds an app without side effects.
 """

@@ -11,6 +11,8 @@ Routes:
     GET    /v1/users/{id}/items?limit=&offset=  {"items": [...]} newest first
     DELETE /v1/users/{id}/items/{item_id}       -> 204
     POST   /v1/generate                         {"user_id", "input", ...} -> {"text", "retrieved", "usage"} or SSE
+                                                (decode fields: max_new_tokens, temperature, top_p, seed,
+                                                repetition_penalty, no_repeat_ngram_size, min_new_tokens)
     POST   /v1/chat/completions                 OpenAI-compatible (`user` names the profile)
     GET    /                                    the playground page (static/)
 Every error is `{"error": {"message", "type"}}` (errors.py); every write is committed before its 2xx.
@@ -122,7 +124,8 @@ def create_app(service: Service) -> FastAPI:
 
     async def start(prepared: Prepared, max_new: int, sampling: Sampling) -> AsyncGeneration:
         try:
-            return AsyncGeneration(service.engine, prepared.prompt_ids, max_new, sampling, limits.request_timeout_s)
+            return AsyncGeneration(service.engine, prepared.prompt_ids, max_new, sampling, limits.request_timeout_s,
+                                   extra=prepared.extra)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", headers={"Retry-After": "1"}) \
                 from None
@@ -216,7 +219,8 @@ def create_app(service: Service) -> FastAPI:
         who.check_user(body.user_id)
         check_text(body.input, "input", limits.max_input_chars)
         max_new = service.max_new_tokens(body.max_new_tokens)
-        sampling = service.sampling(body.temperature, body.top_p, body.seed)
+        sampling = service.sampling(body.temperature, body.top_p, body.seed, body.repetition_penalty,
+                                    body.no_repeat_ngram_size, body.min_new_tokens, max_new)
         prepared = await prepare(body.user_id, body.input)
         gen = await start(prepared, max_new, sampling)
 
@@ -259,7 +263,8 @@ def create_app(service: Service) -> FastAPI:
         check_text(query, "messages", limits.max_input_chars)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = service.max_new_tokens(body.max_completion_tokens or body.max_tokens, param)
-        sampling = service.sampling(body.temperature, body.top_p, body.seed)
+        sampling = service.sampling(body.temperature, body.top_p, body.seed, body.repetition_penalty,
+                                    body.no_repeat_ngram_size, body.min_tokens, max_new, min_param="min_tokens")
         prepared = await prepare(body.user, query)
         gen = await start(prepared, max_new, sampling)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

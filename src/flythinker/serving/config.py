@@ -5,7 +5,7 @@ mechanism (`flythinker.config.add_dataclass_args` / `build_config`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from ..config import ConfigError
@@ -48,6 +48,41 @@ class Limits:
             raise ConfigError(f"limits.request_timeout_s must be a positive number; got {self.request_timeout_s!r}")
 
 
+# Methods that train nothing but decode their own way from a fresh model, so `--model.method` may name them here
+# (ModelArgs itself names trainable methods only).
+SERVABLE_UNTRAINED = ("cos",)
+
+
+@dataclass(eq=False)
+class ServeModelArgs(ModelArgs):
+    """`ModelArgs` of the untrained model to serve: any trainable method, or an untrained one that decodes its own
+    way (cos: the Generator steered by the history, `model.cos.lam`)."""
+
+    def __post_init__(self) -> None:
+        if self.method in SERVABLE_UNTRAINED:
+            method, self.method = self.method, "sft"  # the rest of the checks are ModelArgs'
+            try:
+                super().__post_init__()
+            finally:
+                self.method = method
+            return
+        from ..methods import METHODS
+
+        if self.method in METHODS and not METHODS[self.method].trained:
+            raise ConfigError(f"model.method {self.method!r} cannot be served: it has no model of its own (serve "
+                              f"sft with --data.retrieval for RAG / Non-personalized); untrained methods served: "
+                              f"{', '.join(SERVABLE_UNTRAINED)}")
+        super().__post_init__()
+
+    def __eq__(self, other: object) -> bool:
+        # equal to the ModelArgs with the same settings (`flythinker serve` compares --model.* with the defaults)
+        if not isinstance(other, ModelArgs):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(ModelArgs))
+
+    __hash__ = None  # type: ignore[assignment]  -- mutable, like ModelArgs
+
+
 @dataclass
 class ServeConfig:
     """`flythinker serve`: which model, which database, where to listen, and how requests become prompts."""
@@ -55,8 +90,9 @@ class ServeConfig:
     checkpoint: str = ""
     """A FlyThinker checkpoint directory (save_pretrained / trainer output). Empty: build the untrained model that
     --model.* names through the method registry."""
-    model: ModelArgs = field(default_factory=ModelArgs)
-    """The untrained model to serve when no --checkpoint is given (method, generator, reasoner, fusion)."""
+    model: ServeModelArgs = field(default_factory=ServeModelArgs)
+    """The untrained model to serve when no --checkpoint is given (method, generator, reasoner, fusion); method may
+    also be cos (context steering, `model.cos.lam`)."""
     db: str = ""
     """Database URL: sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB. Empty:
     sqlite:///$FLYTHINKER_STATE/flythinker.db (default state dir ~/.local/state/flythinker)."""
@@ -84,8 +120,9 @@ class ServeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt settings (task, retrieval, k, budgets); with --checkpoint the defaults are its training ones."""
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=256))
-    """Default decode settings of a request (max_new_tokens, sampling); decode.batch_size is the most requests
-    decoded together in one batch."""
+    """Default decode settings of a request (max_new_tokens, sampling, and the anti-repetition settings the study
+    uses: repetition_penalty, no_repeat_ngram_size, min_new_tokens, penalty_scope); decode.batch_size is the most
+    requests decoded together in one batch."""
     limits: Limits = field(default_factory=Limits)
     """Request bounds."""
 
@@ -110,4 +147,4 @@ class ServeConfig:
                               f"limits.max_new_tokens ({self.limits.max_new_tokens})")
 
 
-__all__ = ["DTYPES", "Limits", "ServeConfig"]
+__all__ = ["DTYPES", "SERVABLE_UNTRAINED", "Limits", "ServeConfig", "ServeModelArgs"]

@@ -6,15 +6,18 @@ Requests wait in a bounded queue (`QueueFull` when it is full). Two batching mod
   boundary the waiting requests join it (prefilled as their own small batch, then merged into the running KV
   caches) up to `max_batch` rows, and rows that finished (EOS, their own max_new_tokens, deadline) or were
   cancelled leave it at once. Rows with different sampling settings share the batch: each row samples with its own
-  settings, a seeded row from its own random generator (`RowSampler`).
-* "wave": the oldest waiting request and every waiting one that can share its decode (same sampling settings, up to
+  settings, a seeded row from its own random generator (`RowSampler`), and a row with anti-repetition settings
+  (repetition penalty, no-repeat n-grams, min new tokens) runs transformers' processors on its own prompt and
+  tokens.
+* "wave": the oldest waiting request and every waiting one that can share its decode (same decode settings, up to
   `max_batch`, padded prompt + new tokens within the model's context) run as ONE left-padded batch through the
   shared decode loop (`flythinker.decoding.loop.stream`); requests arriving meanwhile wait for the next wave, and
   ended rows stay in the batch (their output discarded) until the wave ends. The fallback, also taken when the
   model's decode state cannot be resized by rows (`RowsUnsupported`).
 
 Either way each row's new text goes to its own request's sink as soon as it decodes, and greedy text is the same
-as the request decoded alone. Text is UTF-8 safe: each step decodes the row's ids so far and sends only the new
+as the request decoded alone (and as `inference.Predictor` decodes it with the same settings). A method whose decode
+reads a second prompt (CoS: the prompt without the user's history) gets it from the request's `extra` prompts. Text is UTF-8 safe: each step decodes the row's ids so far and sends only the new
 suffix, holding back a trailing U+FFFD (a character whose bytes span tokens not all decoded yet); leading
 whitespace is dropped as `Predictor` strips it.
 """
@@ -42,19 +45,32 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """The decode settings a batch shares."""
+    """One request's decode settings (`DecodeConfig` fields): how the next token is picked, and the anti-repetition
+    settings whose processors read the row's tokens so far."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    penalty_scope: str = "all"
+
+    def anti_repetition(self) -> dict[str, Any]:
+        """The anti-repetition settings that are on (empty when none is)."""
+        on = {k: v for k, v, off in (("repetition_penalty", self.repetition_penalty, 1.0),
+                                     ("no_repeat_ngram_size", self.no_repeat_ngram_size, 0),
+                                     ("min_new_tokens", self.min_new_tokens, 0)) if v != off}
+        return {**on, "penalty_scope": self.penalty_scope} if on else {}
 
     def kwargs(self) -> dict[str, Any]:
+        """DecodeConfig keyword arguments (for `decoding.loop.stream` and `RowSampler.add`)."""
         if not self.do_sample:
-            return {"do_sample": False}
+            return {"do_sample": False, **self.anti_repetition()}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed}
+                "seed": self.seed, **self.anti_repetition()}
 
 
 # Events a request's sink receives, in order: Delta* then one of Done / Failed.
@@ -87,15 +103,19 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     serial: int = field(default_factory=lambda: next(_serial))
+    extra: dict[str, list[int]] = field(default_factory=dict)
+    """Further prompts the model's decode reads, by name: {"plain": ids} goes to the decode as plain_input_ids /
+    plain_attention_mask (CoS's prompt without the user's history)."""
 
     @property
     def batch_key(self) -> tuple:
         s = self.sampling
+        anti = tuple(sorted(s.anti_repetition().items()))
         if not s.do_sample:
-            return ("greedy",)
+            return ("greedy", anti)
         if s.seed is not None:
             return ("seeded", self.serial)
-        return ("sample", s.temperature, s.top_p, s.top_k)
+        return ("sample", s.temperature, s.top_p, s.top_k, anti)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -140,6 +160,20 @@ class _Row:
             self.req.sink(event)
         except Exception:  # noqa: BLE001 -- a sink whose consumer has gone (closed loop): stop decoding for it
             self.req.cancel()
+
+
+def collate_prompts(reqs: list[GenerationRequest], pad_id: int, device: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Left-padded (input_ids, attention_mask) of the requests' prompts on `device`, and their extra prompts as
+    decode keywords ({"plain_input_ids": (n, T'), "plain_attention_mask": (n, T')} for CoS)."""
+    from ..data.collate import collate
+
+    enc = collate([{"prompt_ids": r.prompt_ids} for r in reqs], pad_id, padding_side="left")
+    extra: dict[str, Any] = {}
+    for name in reqs[0].extra:
+        e = collate([{"prompt_ids": r.extra[name]} for r in reqs], pad_id, padding_side="left")
+        extra[f"{name}_input_ids"], extra[f"{name}_attention_mask"] = (e["input_ids"].to(device),
+                                                                      e["attention_mask"].to(device))
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), extra
 
 
 def timeout_error() -> ApiError:
@@ -232,16 +266,17 @@ class GenerationEngine:
     # -- submitting ---------------------------------------------------------------------------------------------
 
     def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
-        """ValueError when a prompt of n_prompt tokens plus max_new_tokens exceeds the model's context."""
+        """ValueError when a prompt of n_prompt tokens plus max_new_tokens exceeds the model's context (n_prompt:
+        the longest of a request's prompts)."""
         if self.context is not None and n_prompt + max_new_tokens > self.context:
             raise ValueError(f"the prompt ({n_prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {self.context} tokens")
 
     def submit(self, req: GenerationRequest) -> GenerationRequest:
         """Queue a request (QueueFull when the queue is full; ValueError when it cannot fit the context)."""
-        if not req.prompt_ids:
+        if not req.prompt_ids or not all(req.extra.values()):
             raise ValueError("empty prompt")
-        self.check_fits(len(req.prompt_ids), req.max_new_tokens)
+        self.check_fits(max([len(req.prompt_ids), *map(len, req.extra.values())]), req.max_new_tokens)
         with self._cond:
             if self._stopping or self._thread is None:
                 raise ApiError(503, "the generation worker is not running", "unavailable_error")
@@ -258,13 +293,14 @@ class GenerationEngine:
         return req
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None,
-                 timeout: float | None = None) -> tuple[str, Done]:
+                 timeout: float | None = None, extra: dict[str, list[int]] | None = None) -> tuple[str, Done]:
         """Blocking convenience for one request (tests, scripts): (text, Done); raises the ApiError it failed with."""
         import queue
 
         q: queue.Queue = queue.Queue()
         deadline = time.monotonic() + timeout if timeout else float("inf")
-        self.submit(GenerationRequest(list(prompt_ids), max_new_tokens, sampling or Sampling(), q.put, deadline))
+        self.submit(GenerationRequest(list(prompt_ids), max_new_tokens, sampling or Sampling(), q.put, deadline,
+                                      extra=dict(extra or {})))
         pieces = []
         while True:
             ev = q.get()
@@ -297,7 +333,7 @@ class GenerationEngine:
                 break
             if r.batch_key != key:
                 continue
-            n, m = max(longest, len(r.prompt_ids)), max(most_new, r.max_new_tokens)
+            n, m = max(longest, len(r.prompt_ids), *map(len, r.extra.values())), max(most_new, r.max_new_tokens)
             if wave and self.context is not None and n + m > self.context:
                 continue  # the padded batch would not fit: this one waits for a later wave
             wave.append(r)
@@ -367,13 +403,12 @@ class GenerationEngine:
         step the rest; repeat. A failure fails every row in the batch (500) and starts afresh."""
         import torch
 
-        from ..data.collate import collate
         from ..decoding.continuous import RowBatch, RowSampler
 
         eos = set(self.eos_ids)
         device = next(self.model.parameters()).device
         batch = RowBatch(self.model, **self.loop_kwargs)
-        sampler = RowSampler()
+        sampler = RowSampler(eos_token_id=self.eos_ids)
         rows: list[_Row] = []
         logits: Any = None
         while True:
@@ -393,16 +428,16 @@ class GenerationEngine:
                         joiners.append(self._pending.popleft())
                 self._report_dead(dead)
                 if joiners:
-                    enc = collate([{"prompt_ids": r.prompt_ids} for r in joiners], self.pad_id, padding_side="left")
+                    ids, mask, extra = collate_prompts(joiners, self.pad_id, device)
                     with torch.no_grad():
-                        new = batch.add(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                        room=max(r.max_new_tokens for r in joiners))
+                        new = batch.add(ids, mask, room=max(r.max_new_tokens for r in joiners), **extra)
                     self._count(waves=0 if rows else 1, joins=len(joiners) if rows else 0, rows=len(joiners),
                                 prefills=1)
                     logits = new if logits is None else torch.cat([logits, new.to(logits.device)])
                     for r in joiners:
                         rows.append(_Row(r, self.tokenizer))
-                        sampler.add(r.sampling.kwargs(), new.device)
+                        # the row's own prompt: what its processors read in penalty_scope "all"
+                        sampler.add(r.sampling.kwargs(), new.device, prompt_ids=r.prompt_ids)
                     joiners = []
                     with self._lock:
                         self._active = len(rows)
@@ -434,14 +469,14 @@ class GenerationEngine:
                     if not row.finished:
                         row.fail(ApiError(500, "generation failed (see the server log)", "server_error"))
                 batch.close()
-                batch, sampler, rows, logits = RowBatch(self.model, **self.loop_kwargs), RowSampler(), [], None
+                batch, rows, logits = RowBatch(self.model, **self.loop_kwargs), [], None
+                sampler = RowSampler(eos_token_id=self.eos_ids)
                 with self._lock:
                     self._active = 0
 
     def _run_wave(self, wave: list[GenerationRequest]) -> None:
         import torch
 
-        from ..data.collate import collate
         from ..decoding.loop import stream
 
         rows = [_Row(r, self.tokenizer) for r in wave]
@@ -451,12 +486,13 @@ class GenerationEngine:
             self._active = len(rows)
         eos = set(self.eos_ids)
         try:
-            enc = collate([{"prompt_ids": r.prompt_ids} for r in wave], self.pad_id, padding_side="left")
             device = next(self.model.parameters()).device
+            ids, mask, extra = collate_prompts(wave, self.pad_id, device)
+            kw = dict(max_new_tokens=max(r.max_new_tokens for r in wave), eos_token_id=self.eos_ids or None,
+                      pad_token_id=self.pad_id, **wave[0].sampling.kwargs(), **self.loop_kwargs)
             with torch.no_grad():
-                cols = stream(self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                              max_new_tokens=max(r.max_new_tokens for r in wave), eos_token_id=self.eos_ids or None,
-                              pad_token_id=self.pad_id, **wave[0].sampling.kwargs(), **self.loop_kwargs)
+                # extra prompts go through the model's own stream (CoS's takes plain_input_ids), else the loop's
+                cols = self.model.stream(ids, mask, **extra, **kw) if extra else stream(self.model, ids, mask, **kw)
                 try:
                     for col in cols:
                         self._count(steps=1)
@@ -488,11 +524,12 @@ class AsyncGeneration:
     worker, the per-request deadline, and cancellation when the consumer stops early (a client that disconnects)."""
 
     def __init__(self, engine: GenerationEngine, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
-                 timeout_s: float):
+                 timeout_s: float, extra: dict[str, list[int]] | None = None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.deadline = time.monotonic() + timeout_s
-        self.request = GenerationRequest(list(prompt_ids), max_new_tokens, sampling, self._sink, self.deadline)
+        self.request = GenerationRequest(list(prompt_ids), max_new_tokens, sampling, self._sink, self.deadline,
+                                         extra=dict(extra or {}))
         self.finished = False
         engine.submit(self.request)
 

@@ -13,6 +13,12 @@ Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 NewTokens = Annotated[StrictInt, Field(ge=1)]
+# Anti-repetition settings (transformers' processors, as `DecodeConfig` has them; vLLM takes the same extra fields).
+RepetitionPenalty = Annotated[float, Field(strict=True, gt=0, le=100, allow_inf_nan=False)]  # no bools, no strings
+NgramSize = Annotated[StrictInt, Field(ge=0, le=1024)]
+MinTokens = Annotated[StrictInt, Field(ge=0)]
+# OpenAI's penalties: validated as OpenAI does, then ignored (see ChatCompletionRequest).
+OpenAIPenalty = Annotated[float, Field(strict=True, ge=-2, le=2, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -37,6 +43,9 @@ class GenerateRequest(Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    no_repeat_ngram_size: NgramSize | None = None
+    min_new_tokens: MinTokens | None = None
     stream: StrictBool = False
 
 
@@ -52,8 +61,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request; fields the server does not use (presence_penalty, ...) are accepted and
-    ignored, as other OpenAI-compatible servers do."""
+    """OpenAI's chat completion request; fields the server does not use are accepted and ignored, as other
+    OpenAI-compatible servers do. frequency_penalty / presence_penalty are checked (OpenAI's range) and ignored:
+    the decode has transformers' repetition_penalty instead, a different rule (it divides logits of every seen
+    token), taken here as an extra field with no_repeat_ngram_size and min_tokens (vLLM's names)."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -64,6 +75,11 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    no_repeat_ngram_size: NgramSize | None = None
+    min_tokens: MinTokens | None = None
+    frequency_penalty: OpenAIPenalty | None = None
+    presence_penalty: OpenAIPenalty | None = None
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -4,7 +4,8 @@ settings and the bounds, plus loading all of it from a `ServeConfig`.
 Owns: turning (user, request text) into prompt ids through `inference.Predictor` with the user's history read from
 the database once per request, the ids of the items that prompt shows (selected exactly as the prompt selects them:
 `data.retrieval.select_profile` with the DataConfig's retrieval/k/seed, cut to the items `render_profile` keeps),
-and resolving a request's sampling settings against the server's defaults.
+and resolving a request's decode settings (sampling and anti-repetition) against the server's `decode.*` defaults,
+so a request that sets nothing decodes as `Predictor` (the study, the generate verb) does with those settings.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ log = logging.getLogger("flythinker.serving")
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the engine: its prompt and the history items the prompt shows."""
+    """A request ready for the engine: its prompt, the history items the prompt shows, and any further prompt the
+    model's decode reads ({"plain": ids}: CoS's prompt without the history)."""
 
     prompt_ids: list[int]
     retrieved: list[int]
+    extra: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Service:
@@ -86,18 +89,38 @@ class Service:
             raise ApiError(422, f"{param}: must be at most {cap} (the server's cap); got {n}", param=param)
         return n
 
-    def sampling(self, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> Sampling:
-        """A request's sampling: fields it leaves out come from the server's DecodeConfig. temperature 0 is greedy;
-        a temperature > 0 (or a top_p) given by the request turns sampling on."""
+    def sampling(self, temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+                 min_new_tokens: int | None = None, max_new_tokens: int | None = None,
+                 min_param: str = "min_new_tokens") -> Sampling:
+        """A request's decode settings: fields it leaves out come from the server's DecodeConfig. temperature 0 is
+        greedy; a temperature > 0 (or a top_p) given by the request turns sampling on. repetition_penalty,
+        no_repeat_ngram_size and min_new_tokens (the request's `min_param`, at most max_new_tokens) override the
+        server's; penalty_scope is the server's. A bad value is a 422 naming the field."""
         d = self.decode
+        anti = {"repetition_penalty": d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+                "no_repeat_ngram_size": d.no_repeat_ngram_size if no_repeat_ngram_size is None
+                else no_repeat_ngram_size,
+                "min_new_tokens": d.min_new_tokens if min_new_tokens is None else min_new_tokens,
+                "penalty_scope": d.penalty_scope}
+        for name, param in (("repetition_penalty", "repetition_penalty"),
+                            ("no_repeat_ngram_size", "no_repeat_ngram_size"), ("min_new_tokens", min_param)):
+            try:  # the schemas check request values already; this keeps programmatic callers to one rule
+                DecodeConfig(**{name: anti[name]})
+            except ValueError as e:
+                raise ApiError(422, f"{param}: {e}", param=param) from None
+        if max_new_tokens is not None and anti["min_new_tokens"] > max_new_tokens:
+            if min_new_tokens is not None:
+                raise ApiError(422, f"{min_param}: must be at most max_new_tokens ({max_new_tokens}); got "
+                                    f"{anti['min_new_tokens']}", param=min_param)
+            anti["min_new_tokens"] = max_new_tokens  # the server's default, within a smaller budget asked for
         if temperature is None:
             sampled = (d.do_sample and d.temperature > 0) or top_p is not None
             temperature = d.temperature if sampled else 0.0
         if temperature <= 0:
-            return Sampling()
+            return Sampling(**anti)
         return Sampling(True, float(temperature), float(d.top_p if top_p is None else top_p), int(d.top_k),
-                        d.seed if seed is None else int(seed))
+                        d.seed if seed is None else int(seed), **anti)
 
     def prepare(self, user_id: str, text: str) -> Prepared:
         """The prompt for `text` written for `user_id` from their current history (UserNotFound when the user does
@@ -117,7 +140,10 @@ class Service:
                                       store=store)
             shown = selected[: max(1, cfg.profile_tokens // cfg.min_item_tokens)]  # what render_profile keeps
             enc = Predictor(self.model, self.tokenizer, cfg, self.decode, store=store).encode([example])
-        return Prepared(enc["input_ids"][0].tolist(), [int(it["item_id"]) for it in shown])
+        # A method's further prompts (CoS: plain_input_ids, the prompt without the history), unpadded.
+        extra = {k[: -len("_input_ids")]: enc[k][0][enc[k[: -len("input_ids")] + "attention_mask"][0] == 1].tolist()
+                 for k in enc if k.endswith("_input_ids")}
+        return Prepared(enc["input_ids"][0].tolist(), [int(it["item_id"]) for it in shown], extra)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok" if self.db.ping() and self.engine.running else "error", "model": self.name,
@@ -126,7 +152,12 @@ class Service:
 
 def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
     """(model on the default device in eval mode, its Reasoner on cfg.reasoner_device when given, tokenizer,
-    default served name)."""
+    default served name).
+
+    dtype "auto" is the weights dtype that decodes faster at batch 1 (`decoding.dtype_choice`: measured once and
+    cached on a CPU with native bf16, the fixed rule elsewhere). A continuously batching server's load is unknown;
+    the request that arrives alone is the one that waits for every step, so its latency decides, and a server known
+    to run full batches can say so with an explicit dtype."""
     from ..decoding.concurrency import place_reasoner
     from ..utils import UserError
 
@@ -136,16 +167,21 @@ def load_model(cfg: ServeConfig) -> tuple[Any, Any, str]:
         ckpt = Path(cfg.checkpoint).expanduser()
         if not (ckpt / "flythinker.json").is_file():
             raise UserError(f"--checkpoint {ckpt}: not a FlyThinker checkpoint (no flythinker.json)")
-        model, tok = load_checkpoint(ckpt, cfg.dtype, reasoner_device=cfg.reasoner_device)
+        # batch_size=1: "auto" picks the dtype faster at batch 1 (see the docstring).
+        model, tok = load_checkpoint(ckpt, cfg.dtype, reasoner_device=cfg.reasoner_device, batch_size=1)
         return model, tok, ckpt.resolve().name
+    from ..decoding.dtype_choice import choose_decode_dtype, decode_lms
     from ..methods import get_method
-    from ..utils import default_device, resolve_dtype
+    from ..utils import default_device
 
     # Built like a training run's fresh model (cfg.model.dtype, fp32 by default), then cast to the serving dtype.
-    model, tok = get_method(cfg.model.method).build(cfg.model)
+    impl = get_method(cfg.model.method)
+    model, tok = impl.build(impl.model_args(cfg.model))  # as the study builds it (CoS: the plain Generator + λ)
     device = default_device()
-    model = place_reasoner(model.to(device=device, dtype=resolve_dtype(cfg.dtype, device, field="dtype")),
-                           cfg.reasoner_device)
+    model = model.to(device=device)
+    choice = choose_decode_dtype(decode_lms(model), 1, cfg.dtype, device=device)  # batch 1: see the docstring
+    log.info("%s", choice.describe())
+    model = place_reasoner(model.to(dtype=choice.dtype), cfg.reasoner_device)
     log.warning("serving an untrained %s model (pass --checkpoint DIR for a trained one)", cfg.model.method)
     return model.eval(), tok, f"{cfg.model.method}-untrained"
 
