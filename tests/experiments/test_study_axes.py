@@ -32,6 +32,17 @@ def _tiny_generator(tmp_path, tokenizer, layers: int = 2):
 # history length
 
 
+def test_points_with_one_resolved_setting_share_a_key_and_others_do_not():
+    from flythinker.experiments.study import _setting_key
+
+    cfg = _study({"history_k": [2, 3], "lams": [0.5, 0.2], "reasoner_layers": [8]},
+                 data={"k": 2, "profile_tokens": 256}, model={"reasoner": "8", "fusion": {"lam": 0.5}})
+    keys = {p.name: _setting_key(p.spec(), cfg) for _, _, p in cfg.ablation.all_points(cfg.data)}
+    assert keys["lam=0.5"] == keys["layers=8"] == keys["k=2"]  # the experiment's own setting, three names
+    assert keys["SFT k=2"] == keys["SFT"] != keys["k=2"]  # same data, another method
+    assert len({keys["lam=0.2"], keys["k=3"], keys["SFT k=3"], keys["lam=0.5"]}) == 4
+
+
 def test_history_k_is_a_flythinker_and_an_sft_point_per_k_with_a_budget_growing_with_k():
     cfg = _study({"history_k": [1, 3], "lams": [0.2], "reasoner_layers": [4]}, data={"k": 2, "profile_tokens": 250})
     pts = cfg.ablation.all_points(cfg.data)
@@ -207,11 +218,16 @@ ablation: {{lams: [0.0, 1.0], reasoner_layers: [1, 2], history_k: [1, 2], train_
     assert main(["study", "--config", str(cfg)]) == 0
     out = tmp_path / "out"
     ab = json.loads((out / "summary.json").read_text())["ablations"]
-    assert [r["name"] for r in ab["rows"]] == ["lam=0", "lam=1", "layers=1", "layers=2", "k=1", "SFT k=1", "k=2",
-                                               "SFT k=2", "SFT"]
+    assert [r["name"] for r in ab["rows"]] == ["SFT", "lam=0", "lam=1", "layers=1", "layers=2", "k=1", "SFT k=1",
+                                               "k=2", "SFT k=2"]
     assert all(r["dev_nll"] > 0 for r in ab["rows"])
+    # k=1 and layers=1 are the experiment's own setting (as SFT k=1 is SFT's): run once, reused with its scores
+    rows = {r["name"]: r for r in ab["rows"]}
+    assert rows["k=1"]["same_as"] == "layers=1" and rows["SFT k=1"]["same_as"] == "SFT"
+    assert rows["k=1"]["metrics"] == rows["layers=1"]["metrics"] and rows["k=1"]["metrics"]
+    assert not (out / "ablations" / "k_1").exists() and "same_as" not in rows["k=2"]
     # each history point trained on its own prompts: k items and k x 40 profile tokens, FlyThinker and SFT alike
-    for name, k in (("k_2", 2), ("SFT_k_2", 2), ("k_1", 1)):
+    for name, k in (("k_2", 2), ("SFT_k_2", 2), ("layers_1", 1)):
         run = json.loads((out / "ablations" / name / "train" / "run.json").read_text())
         assert run["config"]["data"]["k"] == k and run["config"]["data"]["profile_tokens"] == 40 * k
     full = FlyThinker.from_pretrained(out / "ablations" / "layers_2" / "train" / "final")

@@ -30,6 +30,9 @@ from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
 from ..utils import UserError
 
+if typing.TYPE_CHECKING:
+    from .runner import MethodSpec
+
 DEFAULT_METHODS = ("nonpersonalized", "rag", "sft", "flythinker")
 
 
@@ -341,8 +344,18 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
     out = Path(cfg.out) / "ablations"
     points = [(axis, value, p.spec()) for axis, value, p in ab.all_points(cfg.data)]
-    rows = []
+    # the SFT reference first: a point with its setting (e.g. "SFT k=2" at k = 2) then reuses it, and the
+    # comparisons' baseline keeps its name
+    points.sort(key=lambda t: t[0] != "sft")
+    rows, seen = [], {}
     for axis, value, spec in points:
+        key = _setting_key(spec, cfg)
+        if key in seen:  # e.g. lam=0.5 and layers=8 at a λ-0.5, 8-layer experiment: train and decode it once
+            first = seen[key]
+            log(f"== ablation {spec.name}: the same setting as {first['name']} (reused)")
+            rows.append({**first, "axis": axis, "value": value, "name": spec.name, "overrides": spec.overrides,
+                         "same_as": first["name"]})
+            continue
         log(f"== ablation {spec.name}")
         res = run_method(spec, train, dev, cfg.model, cfg.data, dataclasses.replace(cfg.train, seed=cfg.seed),
                          decode, out, progress=cfg.train.progress, log=log, reasoner_device=cfg.reasoner_device)
@@ -372,15 +385,25 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
                      "dev_nll": nlls["dev_nll"],
                      "init_dev_nll": nlls["init_dev_nll"], "predictions": str(res.predictions),
                      "train_s_per_step": res.train_s_per_step})
-    rep = run_evaluation([r["predictions"] for r in rows], out / "eval",
+        seen[key] = rows[-1]
+    rep = run_evaluation([r["predictions"] for r in rows if "same_as" not in r], out / "eval",
                          EvalConfig(metrics=metrics, baseline="SFT", seed=cfg.seed, segments=None), tokenizer=tok)
     for r in rows:
-        r["metrics"] = rep.methods.get(r["name"], {}).get("metrics", {})
+        r["metrics"] = rep.methods.get(r.get("same_as", r["name"]), {}).get("metrics", {})
     result = {"split": ab.split, "train_examples": len(train), "eval_examples": len(dev), "rows": rows,
               "comparisons": rep.comparisons}
     # Figures 5 and 6 and Table 4 from the rows just scored (an axis with fewer than 2 points has none)
     result["files"] = write_ablation_figures(result, out, metrics)
     return result
+
+
+def _setting_key(spec: MethodSpec, cfg: StudyConfig) -> str:
+    """What decides a point's trained model and predictions: its method and its resolved model, data and training
+    settings (names differ; two points with one key are one run). A "default" Reasoner and its layer count spelled
+    out resolve differently here, so configs that want the two to meet name the depth (`model.reasoner: "8"`)."""
+    settings = {"method": spec.method, "model": to_dict(spec.model_args(cfg.model)),
+                "data": to_dict(spec.data_config(cfg.data)), "train": to_dict(spec.train_args(cfg.train))}
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def _tokenizer(model: ModelArgs):
