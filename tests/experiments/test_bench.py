@@ -54,6 +54,20 @@ def test_bench_train_tiny_with_config(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "tiny" and result["tokens"] == 16 and result["batch"] == 2
     assert result["sft_s_per_step"] > 0 and result["flythinker_s_per_step"] > 0 and result["flop_ratio"] > 1
+    assert result["optimizer_impl"] == "fused"  # auto: the AdamW a CPU training run builds
+
+
+def test_bench_train_times_the_optimizer_implementation_asked_for(capsys, monkeypatch):
+    from flythinker.experiments import bench_train
+
+    built = []
+    real = bench_train.bench_optimizer
+    monkeypatch.setattr(bench_train, "bench_optimizer",
+                        lambda params, lr, impl="auto", device="cpu": built.append(impl) or real(params, lr, impl))
+    argv = ["bench", "train", "--model", "tiny", "--tokens", "16", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    assert main([*argv, "--optimizer_impl", "for-loop"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["optimizer_impl"] == "for-loop" and built and set(built) == {"for-loop"}
 
 
 def test_time_generation_times_prefill_and_every_later_step():

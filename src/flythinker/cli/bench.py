@@ -56,14 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int, precision: list[str] | None = None) -> int:
+def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int, precision: list[str] | None = None,
+             optimizer_impl: str = "auto") -> int:
     from ..experiments.bench_methods import plot, print_table, run_methods_bench
     from ..utils import set_threads
     from .main import print_json_line
 
     threads = set_threads(cfg.threads or None)
     res = run_methods_bench(cfg.methods, cfg.model, what, runs=runs, n_examples=examples, new_tokens=new_tokens,
-                            threads=threads, precision=precision or ["fp32"])
+                            threads=threads, precision=precision or ["fp32"], optimizer_impl=optimizer_impl)
     print_table(res)
     if cfg.plot:
         res["plot"] = plot(res, cfg.plot)
@@ -79,9 +80,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = build_config(args.config_cls, args, args.config)
     precisions = list(cfg.precision) or default_precisions("cpu")
     if cfg.methods:
-        return _methods(cfg, "train", runs=cfg.steps, examples=cfg.examples, new_tokens=32, precision=precisions)
+        return _methods(cfg, "train", runs=cfg.steps, examples=cfg.examples, new_tokens=32, precision=precisions,
+                        optimizer_impl=cfg.optimizer_impl)
     threads = set_threads(cfg.threads or None)
-    res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads, precisions)
+    res = run(cfg.model, cfg.tokens, cfg.batch, cfg.steps, cfg.warmup, threads, precisions, cfg.optimizer_impl)
     print(f"{'precision':<11}{'method':<12}{'s/step':>10}{'loss':>10}")
     for p, r in res["by_precision"].items():
         for name in ("sft", "flythinker"):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..utils import UserError
-from .bench_train import precision_autocast
+from .bench_train import bench_optimizer, precision_autocast
 
 
 @dataclass
@@ -152,8 +152,9 @@ def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, 
 
 def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int, n_examples: int,
                       new_tokens: int, threads: int, seed: int = 0, log=print,
-                      precision: Sequence[str] = ("fp32",)) -> dict[str, Any]:
+                      precision: Sequence[str] = ("fp32",), optimizer_impl: str = "auto") -> dict[str, Any]:
     """Train and/or decode timing of `methods` (what: "train", "decode" or "both"); returns the JSON summary.
+    Training steps use the AdamW a training run builds, computed by `optimizer_impl` (`train.optimizer_impl`).
 
     precision: the training precisions (fp32, bf16), timed interleaved with the methods; one row per method and
     precision. Decoding is timed in fp32 only, so a list other than ["fp32"] needs what="train"."""
@@ -161,6 +162,7 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
     from ..methods import get_method
     from ..methods.flythinker.decode import per_token_macs
     from ..methods.flythinker.model import FlyThinker
+    from ..training.optim import resolve_optimizer_impl
     from .bench_decode import _load
 
     precisions = list(precision)
@@ -199,7 +201,8 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
                  for name in methods}
         batches = {name: [collate([f], tokenizer.pad_token_id, padding_side="right") for f in feats[name]]
                    for name in methods}
-        opts = {name: torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-7)
+        opts = {name: bench_optimizer((p for p in models[name].parameters() if p.requires_grad), 1e-7,
+                                      optimizer_impl)
                 for name in methods}
         times: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
         log(f"bench train: {len(methods)} methods x {len(precisions)} precisions x {runs} runs x {n_examples} "
@@ -288,7 +291,8 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
         table.append(row)
     return {"model": model_kind, "threads": threads, "runs": runs, "examples": n_examples, "new_tokens": new_tokens,
             "macs_generator": c_g, "macs_reasoner": c_r, "device": "cpu", "precisions": precisions,
-            "weights_dtype": "float32", "rows": table}
+            "weights_dtype": "float32", "optimizer_impl": resolve_optimizer_impl(optimizer_impl, "cpu"),
+            "rows": table}
 
 
 def print_table(result: dict[str, Any]) -> None:

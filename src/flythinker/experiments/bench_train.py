@@ -37,6 +37,14 @@ def precision_autocast(precision: str, device_type: str):
     return contextlib.nullcontext()
 
 
+def bench_optimizer(params, lr: float, impl: str = "auto", device: torch.device | str = "cpu"):
+    """The AdamW a training run builds (`training.optim.build_optimizer`: the run's betas / eps, computed by
+    `train.optimizer_impl` `impl` resolved for `device`), over `params` at one learning rate."""
+    from ..training.optim import build_optimizer, resolve_optimizer_impl
+
+    return build_optimizer([{"params": list(params), "lr": lr}], resolve_optimizer_impl(impl, device))
+
+
 def train_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer, precision: str = "fp32") -> float:
     """One optimizer step (forward under `precision`, backward, AdamW); returns the loss."""
     with precision_autocast(precision, batch["input_ids"].device.type):
@@ -56,13 +64,14 @@ def time_train_steps(model, batch: dict[str, torch.Tensor], steps: int, warmup: 
 
 
 def time_train_configs(configs: list[tuple[torch.nn.Module, str]], batch: dict[str, torch.Tensor], steps: int,
-                       warmup: int) -> list[list[float]]:
+                       warmup: int, optimizer_impl: str = "auto") -> list[list[float]]:
     """Seconds per optimizer step of each (model, precision), timed round-robin (step i of every configuration,
     then step i + 1, ...). Models that are the same object share one AdamW (its state is fp32 at any precision)."""
     opts: dict[int, torch.optim.Optimizer] = {}
     for model, _ in configs:
         if id(model) not in opts:
-            opts[id(model)] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+            opts[id(model)] = bench_optimizer((p for p in model.parameters() if p.requires_grad), 1e-6,
+                                              optimizer_impl, batch["input_ids"].device)
         model.train()
     times: list[list[float]] = [[] for _ in configs]
     for i in range(warmup + steps):
@@ -100,11 +109,13 @@ def _models(kind: str):
 
 
 def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, threads: int,
-        precisions: list[str] | None = None) -> dict:
-    """Time SFT and FlyThinker at each precision (None: `default_precisions`). The top-level figures are the first
+        precisions: list[str] | None = None, optimizer_impl: str = "auto") -> dict:
+    """Time SFT and FlyThinker at each precision (None: `default_precisions`), AdamW computed by `optimizer_impl`
+    (`TrainBenchConfig.optimizer_impl`). The top-level figures are the first
     precision's; `by_precision` holds every precision's, `bf16_over_fp32` the per-method ratio when both ran."""
     from ..methods.flythinker.decode import per_token_macs
     from ..methods.flythinker.model import FlyThinker
+    from ..training.optim import resolve_optimizer_impl
 
     precisions = list(precisions or default_precisions("cpu"))
     torch.set_num_threads(threads)
@@ -120,7 +131,7 @@ def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, 
     # Losses before any update, on the same weights: the bf16 forward's distance from the fp32 one.
     losses = {(p, name): _loss(m, batch, p) for p in precisions for name, m in models.items()}
     configs = [(p, name) for p in precisions for name in models]
-    timed = time_train_configs([(models[name], p) for p, name in configs], batch, steps, warmup)
+    timed = time_train_configs([(models[name], p) for p, name in configs], batch, steps, warmup, optimizer_impl)
     s = {key: statistics.median(t) for key, t in zip(configs, timed)}
     by_precision = {p: {"sft_s_per_step": s[p, "sft"], "flythinker_s_per_step": s[p, "flythinker"],
                         "ratio_flythinker_over_sft": s[p, "flythinker"] / s[p, "sft"],
@@ -132,7 +143,8 @@ def run(model_kind: str, tokens: int, batch_size: int, steps: int, warmup: int, 
            "sft_s_per_step": first["sft_s_per_step"], "flythinker_s_per_step": first["flythinker_s_per_step"],
            "ratio_flythinker_over_sft": first["ratio_flythinker_over_sft"], "flop_ratio": (c_g + c_r) / c_g,
            "precision": precisions[0], "precisions": precisions, "by_precision": by_precision,
-           "weights_dtype": "float32", "native_bf16": native_bf16("cpu"), "device": "cpu"}
+           "weights_dtype": "float32", "native_bf16": native_bf16("cpu"), "device": "cpu",
+           "optimizer_impl": resolve_optimizer_impl(optimizer_impl, "cpu")}
     if "fp32" in precisions and "bf16" in precisions:
         res["bf16_over_fp32"] = {name: s["bf16", name] / s["fp32", name] for name in models}
     return res
@@ -162,6 +174,9 @@ class TrainBenchConfig:
     """With methods: examples in the fixed dataset (one per step); `steps` is then the number of timed epochs."""
     plot: str = ""
     """With methods: also write the Fig. 3-style PNG here."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """How AdamW computes its step, as `train.optimizer_impl` (auto: fused where torch has the kernel, as training
+    runs; for-loop: torch's per-parameter default on CPU, what the benches timed before fused became the default)."""
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.batch < 1 or self.steps < 1 or self.warmup < 0 or self.threads < 0:

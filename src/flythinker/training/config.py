@@ -20,10 +20,12 @@ from ..methods.base import ModelArgs
 from ..utils import UserError
 
 RESUME_MAY_CHANGE = frozenset({"out_dir", "resume", "overwrite", "max_steps", "epochs", "save_every",
-                               "keep_checkpoints", "log_every", "save_final", "progress", "threads"})
+                               "keep_checkpoints", "log_every", "save_final", "progress", "threads",
+                               "optimizer_impl"})
 """`train.*` fields a resume may change without becoming another run: where the run lives, how long it goes on
 (extending max_steps / epochs continues the same run; the learning-rate schedule then follows the new total) and
-bookkeeping (saving, logging, progress, threads). Every other train field (learning rates, batch / accumulation,
+bookkeeping (saving, logging, progress, threads) or how the same update is computed (optimizer_impl: like
+threads, it moves weights by floating-point rounding only). Every other train field (learning rates, batch / accumulation,
 schedule shape, seed, precision, clipping, calibration) and every model / data field changes the trajectory, so a
 checkpoint written under different values belongs to another run."""
 
@@ -66,6 +68,14 @@ class TrainArgs:
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """How torch computes the AdamW update, the same update each way up to floating-point rounding: fused = one
+    kernel per device and dtype for the whole update (CPU and CUDA, any float dtype); foreach = one batched kernel
+    per operation of the update;
+    for-loop = one parameter at a time (torch's default on CPU, the slowest: at batch 1 without accumulation its
+    per-parameter work is a large part of a step). auto = fused on CPU and CUDA, else foreach where torch has
+    foreach kernels for the training device, else for-loop.
+    Not part of the run identity (see RESUME_MAY_CHANGE): a resume may switch it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 autocast where the device computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX;
     `flythinker.utils.native_bf16`), fp32 elsewhere; bf16 = autocast anywhere. Weights and optimizer state stay in

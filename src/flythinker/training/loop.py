@@ -58,7 +58,7 @@ from .checkpoint import (
     truncate_log,
 )
 from .config import TrainArgs
-from .optim import lr_lambda, param_groups
+from .optim import apply_optimizer_impl, build_optimizer, lr_lambda, param_groups, resolve_optimizer_impl
 
 SHARDED_ENGINES = ("fsdp", "deepspeed")
 """Engines whose processes each hold only a shard of the weights and optimizer state."""
@@ -188,6 +188,7 @@ def fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, p
         _allow_precision(mp)
         accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     out_dir = check_output_dir(args.out_dir, "train.out_dir")
+    resolve_optimizer_impl(args.optimizer_impl, accelerator.device)  # refused before out_dir is claimed
     config = config or {"train": to_dict(args)}
     # The identity records the precision this run computes in, not "auto": auto means bf16 on hardware that runs it
     # natively and fp32 elsewhere, and a run started in one must not be resumed (or reused) as the other.
@@ -231,7 +232,9 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
     # A weightless copy taken before the engine shards `model`: saving fills it with the gathered full weights
     # and calls the method's own save_pretrained, so every engine writes the same HF-style directory.
     skeleton = meta_copy(model) if sharded else None
-    optimizer = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.95), eps=1e-8)
+    # Resolved for the device training runs on (prepare may move the parameters there after this).
+    impl = resolve_optimizer_impl(args.optimizer_impl, accelerator.device)
+    optimizer = build_optimizer(param_groups(model, args), impl)
     total = total_optimizer_steps(len(features), args, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total))
 
@@ -245,6 +248,7 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
             if not sharded:  # a sharded engine restores its shards with load_state once prepared (below)
                 model.load_state_dict(weights, strict=state.get("trainable") is None)
                 optimizer.load_state_dict(state["optimizer"])
+                apply_optimizer_impl(optimizer, impl)  # the saved groups carry the implementation they ran with
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, window = state["step"], state["epoch"], state["window"]
             last_saved, resumed = ckpt, (ckpt, state)
@@ -269,6 +273,8 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
         ckpt, state = resumed
         if sharded:
             accelerator.load_state(str(ckpt / ENGINE_DIR))
+            if engine == "fsdp":  # DeepSpeed's optimizer wraps torch's in its own; its state stays as saved
+                apply_optimizer_impl(optimizer, impl)
         follow_schedule(scheduler)
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
@@ -308,8 +314,9 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
         for e, w, win in plan():
             t0 = time.perf_counter()
             batches = [next(batches_in) for _ in win]  # this process's slice of each micro-batch, on its device
-            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            window_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum"))
+            # One device tensor, read once after the reduce (not one host sync per micro-batch).
+            local_tokens = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches)
+            window_tokens = int(accelerator.reduce(local_tokens.to(device), reduction="sum"))
             loss_sum_local = torch.zeros((), device=device)
             for j, b in enumerate(batches):
                 sync = j == len(batches) - 1
@@ -334,7 +341,9 @@ def _fit(model: nn.Module, features: Sequence[dict[str, Any]], args: TrainArgs, 
                 grad_norms = _grad_norms(model, accelerator, sharded)  # FSDP2 shards `model` in place
                 # Same values on every process (reduced loss, synchronized gradients), so all stop together.
                 _check_finite(step + 1, loss_value, grad_norms, last_saved)
-                if args.max_grad_norm > 0:
+                if args.max_grad_norm > 0 and _clips_from_norms(accelerator, sharded):
+                    clip_to_norm(model, args.max_grad_norm, grad_norms)
+                elif args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
                                                 args.max_grad_norm)
             optimizer.step()
@@ -554,6 +563,28 @@ def _grad_norms(model: nn.Module, accelerator: Any, sharded: bool) -> dict[str, 
     sums = accelerator.reduce(sums, reduction="sum")
     present = accelerator.reduce(present, reduction="sum")
     return {name: float(s.sqrt()) for (name, _), s, n in zip(parts, sums, present) if n > 0}
+
+
+def _clips_from_norms(accelerator: Any, sharded: bool) -> bool:
+    """Whether `clip_to_norm` may clip from `_grad_norms`: gradients whole and final on this process (one process
+    or DDP, whose backward already averaged them), not scaled by an fp16 GradScaler, not XLA's (whose gradients
+    accelerate reduces inside its clip). Elsewhere accelerate's clip_grad_norm_ does it."""
+    from accelerate.utils import DistributedType
+
+    return not sharded and getattr(accelerator, "scaler", None) is None and \
+        accelerator.distributed_type != DistributedType.XLA
+
+
+def clip_to_norm(model: nn.Module, max_norm: float, grad_norms: dict[str, float]) -> None:
+    """Scale the trainable parts' gradients so their global L2 norm is at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does, from the per-part norms `_grad_norms` has already taken: torch's call
+    would read every gradient again for the norm, then multiply every gradient, by 1.0 when the norm is under
+    the limit. Skipping that multiply changes nothing (x * 1.0 == x); the factor is torch's, max_norm / (norm + 1e-6)."""
+    total = math.sqrt(sum(v * v for v in grad_norms.values()))
+    if max_norm / (total + 1e-6) >= 1.0:
+        return
+    params = [p for _, module in model.trainable_parts() for p in module.parameters() if p.grad is not None]
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
 
 
 def _lora_state(model: nn.Module) -> dict[str, torch.Tensor] | None:

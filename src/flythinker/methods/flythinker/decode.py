@@ -158,7 +158,10 @@ class FlyThinkerStepper:
         self.mask_r = self.state.mask.to(self.r_dev)
         self.step_pos_r = self.state.step_pos.to(self.r_dev)
         self.keep_logits = {"logits_to_keep": 1} if accepts(model.generator, "logits_to_keep") else {}
-        self.embed = model.generator.get_input_embeddings()  # looked up once, not per step
+        # Looked up once, not per step (nn.Module attribute access goes through __getattr__; the Reasoner's decoder
+        # stack is cached by `model.reasoner_decoder`).
+        self.generator = model.generator
+        self.embed = self.generator.get_input_embeddings()
         self.g_kw: dict[str, Any] = {}
         self.r_cache: Any = None
         self.r_prev: torch.Tensor | None = None
@@ -209,8 +212,8 @@ class FlyThinkerStepper:
         cols, t = mask_g.shape[1], self.state.t
         y = y_t[:, None]                                         # (B, 1)
         if not self.reasoner_steps:  # scope "input": a generated token is never fused (step_fusion is 0)
-            out = model.generator(inputs_embeds=self.embed(y), attention_mask=None if unpadded else mask_g,
-                                  position_ids=pos_g, **self.g_kw, use_cache=True)
+            out = self.generator(inputs_embeds=self.embed(y), attention_mask=None if unpadded else mask_g,
+                                 position_ids=pos_g, **self.g_kw, use_cache=True)
             return out.logits[:, -1].float()                                                # (B, V)
         y_r = y.to(self.r_dev, non_blocking=True)
         mask_r, pos_r = (None if unpadded else self.mask_r[:, :cols]), self.step_pos_r[:, t - 1: t]
@@ -220,8 +223,8 @@ class FlyThinkerStepper:
         def g_call() -> torch.Tensor:
             emb = self.embed(y)                                                             # (B, 1, H_G)
             emb = model.fuse(emb, r_prev, self.step_fusion, emb_norm=self.emb_norm)         # e(y_t) + λ·r_{t-1}
-            out = model.generator(inputs_embeds=emb, attention_mask=mask_g, position_ids=pos_g,
-                                  **self.g_kw, use_cache=True)
+            out = self.generator(inputs_embeds=emb, attention_mask=mask_g, position_ids=pos_g,
+                                 **self.g_kw, use_cache=True)
             return out.logits[:, -1].float()                                                # (B, V)
 
         inputs = (y_r, pos_r) if mask_r is None else (y_r, mask_r, pos_r)
