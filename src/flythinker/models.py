@@ -1,8 +1,9 @@
 """Model resolution: what `--generator` / `--reasoner` name, turned into loaded HF causal LMs and one tokenizer.
 
-Owns: the one tokenizer loader (`load_tokenizer`), `load_models` (the embedded default, a local directory or a hub
-id; a Reasoner as the Generator's first k layers, a separate model, or none), `truncated_reasoner`, and the check
-that two models embed the same token ids (`check_vocabularies`). Every method builds its models through here.
+Owns: the one tokenizer loader (`load_tokenizer`), `load_models` (the embedded default, a named optional embedded
+model such as gemma3-270m, a local directory or a hub id; a Reasoner as the Generator's first k layers, a separate
+model, or none), `truncated_reasoner` (with `truncated_config`, the depth cut of a config), and the check that two
+models embed the same token ids (`check_vocabularies`). Every method builds its models through here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .default_model import DEFAULT_NUM_LAYERS, DEFAULT_REASONER_LAYERS, load_default_generator, load_default_tokenizer
+from .default_model import (
+    DEFAULT_NUM_LAYERS,
+    DEFAULT_REASONER_LAYERS,
+    embedded_spec,
+    load_default_generator,
+    load_default_tokenizer,
+)
 from .hf import embedding_rows
 from .utils import UserError, resolve_dtype
 
@@ -54,10 +61,13 @@ _DEFAULT = {"default", "auto"}
 def load_tokenizer(spec: str | None = None, flag: str = "--generator") -> Any:
     """The one tokenizer loader: the tokenizer `load_models(spec, ...)` would return, without loading any weights.
 
-    spec: None / "default" (the embedded model's), "tiny" (the built-in test tokenizer), a saved FlyThinker
-    directory (its generator/), a tokenizer or model directory, or a hub id. `flag` names the option in errors."""
+    spec: None / "default" (the embedded model's), a named embedded model ("gemma3-270m"), "tiny" (the built-in
+    test tokenizer), a saved FlyThinker directory (its generator/), a tokenizer or model directory, or a hub id.
+    `flag` names the option in errors."""
     if _is_default(spec):
         return load_default_tokenizer()
+    if (embedded := embedded_spec(spec)) is not None:
+        return load_default_tokenizer(embedded)
     if str(spec) == "tiny":
         from .testing import tiny_tokenizer
 
@@ -135,20 +145,26 @@ def load_models(generator: str | None = None, reasoner: str | int | None = None,
                 dtype: str | torch.dtype = torch.float32):
     """Resolve `--generator` / `--reasoner` to (generator, reasoner or None, tokenizer).
 
-    generator: None / "default" = the embedded SmolLM2-135M-Instruct; otherwise a local directory or a hub id
-        (loaded with AutoModelForCausalLM; it must have a tokenizer).
+    generator: None / "default" = the embedded SmolLM2-135M-Instruct; a named optional embedded model
+        (`flythinker.default_model.EMBEDDED_MODELS`: "gemma3-270m", which needs its extra); otherwise a local
+        directory or a hub id (loaded with AutoModelForCausalLM; it must have a tokenizer).
     reasoner: an int k (or a string of digits) = a copy of the Generator's first k layers; a directory or hub id =
         a separate model embedding the same token ids (checked here); "none" = no Reasoner (the SFT baseline);
-        None / "default" = the first DEFAULT_REASONER_LAYERS layers for the default Generator, and the same depth
-        fraction (8/30, rounded, >= 1) of any other Generator.
+        None / "default" = the first DEFAULT_REASONER_LAYERS layers for the default Generator, the spec's
+        `reasoner_layers` for a named embedded one (6 of Gemma-3-270m's 18), and the same depth fraction (8/30,
+        rounded, >= 1) of any other Generator.
     dtype: the weights' dtype, a torch dtype or a `model.dtype` name (`load_dtype`: "auto" = float32).
     Raises UserError (one line) for anything the user can fix.
     """
     dtype = load_dtype(dtype)
     kind, value = _parse_reasoner(reasoner)
+    embedded = embedded_spec(generator)
     if _is_default(generator):
         gen = load_default_generator(dtype)
         tok = load_default_tokenizer()
+    elif embedded is not None:
+        gen = load_default_generator(dtype, embedded)
+        tok = load_default_tokenizer(embedded)
     else:
         gen, tok = _load_lm(str(generator), "generator", dtype)
         if tok is None:
@@ -160,7 +176,8 @@ def load_models(generator: str | None = None, reasoner: str | int | None = None,
         if n_layers is None:
             raise UserError("--reasoner: the Generator's config has no num_hidden_layers; pass a Reasoner "
                             "model or 'none'")
-        value = DEFAULT_REASONER_LAYERS if _is_default(generator) else default_reasoner_layers(n_layers)
+        value = (DEFAULT_REASONER_LAYERS if _is_default(generator) else embedded.reasoner_layers
+                 if embedded is not None else default_reasoner_layers(n_layers))
         kind = "layers"
     if kind == "layers":
         if n_layers is not None and not 1 <= value <= n_layers:
@@ -195,23 +212,36 @@ def check_vocabularies(generator: nn.Module, reasoner: nn.Module, tokenizer: Any
                          f"FlyThinker needs both models to embed the same token ids")
 
 
+def truncated_config(config: Any, num_layers: int, owner: str = "") -> Any:
+    """A copy of a decoder config cut to its first `num_layers` layers: `num_hidden_layers` and the per-layer
+    attention types (`layer_types`: "sliding_attention" / "full_attention" in Gemma-3, Qwen2/3, ...) together.
+
+    The types are the first k entries, not re-derived from a pattern: layer i of the copy is layer i of the
+    Generator, with weights trained for that attention type. Gemma-3's RoPE settings (`rope_parameters`) are keyed
+    by type, not by layer, so they need no cut. `owner` names the model in errors (ValueError, one line)."""
+    cfg = copy.deepcopy(config)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError(f"{owner}: config has no num_hidden_layers")
+    if not 1 <= num_layers <= n:
+        raise ValueError(f"num_layers must be in [1, {n}] for this Generator; got {num_layers}")
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        if len(types) != n:
+            raise ValueError(f"{owner}: config.layer_types has {len(types)} entries for {n} layers")
+        cfg.layer_types = list(types)[:num_layers]
+    cfg.num_hidden_layers = num_layers
+    return cfg
+
+
 def truncated_reasoner(generator: nn.Module, num_layers: int) -> nn.Module:
     """A Reasoner made of the Generator's embeddings, first `num_layers` decoder layers, final norm and head.
 
     It is a copy with its own weights (updating one model never touches the other) and shares the tokenizer.
-    Works for any HF causal LM whose layers live under `...layers.<i>.` and whose config has `num_hidden_layers`.
+    Works for any HF causal LM whose layers live under `...layers.<i>.` and whose config has `num_hidden_layers`
+    (per-layer attention types are cut with it: `truncated_config`).
     """
-    cfg = copy.deepcopy(generator.config)
-    n = getattr(cfg, "num_hidden_layers", None)
-    if n is None:
-        raise ValueError(f"{type(generator).__name__}: config has no num_hidden_layers")
-    if not 1 <= num_layers <= n:
-        raise ValueError(f"num_layers must be in [1, {n}] for this Generator; got {num_layers}")
-    cfg.num_hidden_layers = num_layers
-    for attr in ("layer_types",):  # per-layer lists (sliding/full attention) must match the new depth
-        v = getattr(cfg, attr, None)
-        if isinstance(v, list):
-            setattr(cfg, attr, v[:num_layers])
+    cfg = truncated_config(generator.config, num_layers, type(generator).__name__)
     if getattr(cfg, "quantization_config", None) is not None:
         del cfg.quantization_config
     reasoner = type(generator)(cfg)
@@ -234,4 +264,4 @@ def truncated_reasoner(generator: nn.Module, num_layers: int) -> nn.Module:
 
 
 __all__ = ["check_vocabularies", "default_reasoner_layers", "load_default_models", "load_dtype", "load_models",
-           "load_tokenizer", "truncated_reasoner"]
+           "load_tokenizer", "truncated_config", "truncated_reasoner"]

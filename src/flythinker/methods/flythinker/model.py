@@ -132,10 +132,25 @@ class FlyThinker(GenerationMixin, nn.Module):
         assert self.reasoner is not None
         if attention_mask is not None and position_ids is None and past_key_values is None:
             attention_mask, position_ids = hf_mask_args(attention_mask)
-        base = base_model(self.reasoner)
+        base, cache_kw = self.reasoner_decoder()
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=use_cache, **cache_kwargs(base, past_key_values))
+                   use_cache=use_cache, **{cache_kw: past_key_values})
         return out.last_hidden_state, (output_cache(out) if use_cache else None)
+
+    def reasoner_decoder(self) -> tuple[nn.Module, str]:
+        """(R's decoder stack without its LM head, `hf.base_model`; the KV-cache keyword its forward takes), looked
+        up once per Reasoner object rather than on every decode step (HF's `get_decoder` walks its fallbacks each
+        call). Keyed on the `reasoner` module itself: assigning another Reasoner (a LoRA wrapper) looks it up
+        again; a deep copy carries its own copy of the pair; `.to()`, `place_reasoner` and loading weights change
+        parameters in place and keep it valid."""
+        # A tuple in __dict__: not registered as a submodule, so never in the state dict, parameters() or repr.
+        cached = self.__dict__.get("_reasoner_decoder")
+        if cached is not None and cached[0] is self.reasoner:
+            return cached[1], cached[2]
+        base = base_model(self.reasoner)
+        (cache_kw,) = cache_kwargs(base, None)
+        self.__dict__["_reasoner_decoder"] = (self.reasoner, base, cache_kw)
+        return base, cache_kw
 
     @staticmethod
     def shift_states(states: torch.Tensor) -> torch.Tensor:
@@ -213,10 +228,16 @@ class FlyThinker(GenerationMixin, nn.Module):
         return r
 
     def embedding_norm(self) -> torch.Tensor:
-        """Mean L2 norm of the Generator's input-embedding rows (scalar, detached: a target scale, not a path for
-        gradients). One vocabulary-wide constant, so teacher forcing and incremental decoding rescale identically."""
-        w = self.generator.get_input_embeddings().weight.detach()
-        return w.float().norm(dim=-1).mean()
+        """Mean L2 norm of the Generator's input embeddings as the Generator sees them (scalar, detached: a target
+        scale, not a path for gradients). One vocabulary-wide constant, so teacher forcing and incremental decoding
+        rescale identically. Embedding layers that scale their output (Gemma's multiplies rows by sqrt(hidden size),
+        `embed_scale`) count that scale: e(x_i) is the scaled row, so the norm r is rescaled to must be too."""
+        emb = self.generator.get_input_embeddings()
+        norm = emb.weight.detach().float().norm(dim=-1).mean()
+        scale = getattr(emb, "embed_scale", None)
+        if scale is not None:
+            norm = norm * torch.as_tensor(scale).detach().float().abs().to(norm.device)
+        return norm
 
     def fuse(self, token_embeds: torch.Tensor, prev_states: torch.Tensor, mask: torch.Tensor,
              emb_norm: torch.Tensor | None = None) -> torch.Tensor:
