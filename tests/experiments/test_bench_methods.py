@@ -51,3 +51,17 @@ def test_methods_bench_unknown_method_is_one_line(capsys):
     assert main(["bench", "decode", "--model", "tiny", "--methods", "sft,bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bogus" in err[0]
+
+
+def test_methods_bench_builds_every_method_with_the_method_args_given(capsys):
+    """--method_args.* sets the methods' own settings (here Coconut's latent count), so the cost of a method can be
+    measured at the settings where Table 8 predicts it crosses FlyThinker."""
+    argv = ["bench", "train", "--model", "tiny", "--methods", "coconut", "--threads", "1", "--steps", "1",
+            "--examples", "1"]
+    predicted = {}
+    for c in (2, 6):
+        assert main([*argv, "--method_args.coconut.latents", str(c)]) == 0
+        rows = {r["method"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+        predicted[c] = rows["coconut"]["train_ratio_predicted"]  # Table 8's ratio from the extra c + 2 positions
+        assert predicted[c] > 1
+    assert predicted[6] > predicted[2]

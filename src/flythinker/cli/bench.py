@@ -64,7 +64,8 @@ def _methods(cfg, what: str, runs: int, examples: int, new_tokens: int, precisio
 
     threads = set_threads(cfg.threads or None)
     res = run_methods_bench(cfg.methods, cfg.model, what, runs=runs, n_examples=examples, new_tokens=new_tokens,
-                            threads=threads, precision=precision or ["fp32"], optimizer_impl=optimizer_impl)
+                            threads=threads, precision=precision or ["fp32"], optimizer_impl=optimizer_impl,
+                            method_args=cfg.method_args)
     print_table(res)
     if cfg.plot:
         res["plot"] = plot(res, cfg.plot)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..methods.base import ModelArgs
 from ..utils import UserError, native_bf16, resolve_dtype
 
 MODELS = ("medium", "tiny", "default")
@@ -60,6 +61,10 @@ class DecodeBenchConfig:
     and seconds for a fixed response, ratios to SFT beside Table 8's prediction, memory (bench_methods.py)."""
     plot: str = ""
     """With methods: also write the Fig. 3-style PNG here."""
+    method_args: ModelArgs = field(default_factory=ModelArgs)
+    """With methods: the method settings every method is built with, as `--model.*` in train/study (e.g.
+    --method_args.coconut.latents 16, --method_args.cot.max_reasoning_tokens 64, --method_args.fusion.lam 0.2);
+    its generator / reasoner / method fields are not used (`--model` picks the models)."""
 
     def __post_init__(self) -> None:
         if self.new_tokens < 2:

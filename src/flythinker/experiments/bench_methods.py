@@ -132,13 +132,17 @@ def _examples(n: int, seed: int):
         return load_examples(p)
 
 
-def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, tokenizer: Any,
+                 method_args: Any = None) -> dict[str, Any]:
     """One model per method around the same weights (each method gets its own copy so training one does not
-    move another)."""
+    move another). method_args: a ModelArgs whose method sections (fusion, cot, coconut, interleaved, ...) every
+    method is built with (None: the defaults); its generator / reasoner / method fields are not used."""
     import copy
+    import dataclasses
 
     from ..methods import METHODS, ModelArgs, get_method
 
+    base = method_args if method_args is not None else ModelArgs()
     out = {}
     for name in methods:
         m = get_method(name)
@@ -146,13 +150,14 @@ def build_models(methods: list[str], generator: nn.Module, reasoner: nn.Module, 
             raise UserError(f"unknown method {name!r}")
         g = copy.deepcopy(generator)
         r = copy.deepcopy(reasoner) if m.uses_reasoner else None
-        out[name] = m.from_lms(g, r, ModelArgs(method=name if m.trained else "sft"), tokenizer)
+        out[name] = m.from_lms(g, r, dataclasses.replace(base, method=name if m.trained else "sft"), tokenizer)
     return out
 
 
 def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int, n_examples: int,
                       new_tokens: int, threads: int, seed: int = 0, log=print,
-                      precision: Sequence[str] = ("fp32",), optimizer_impl: str = "auto") -> dict[str, Any]:
+                      precision: Sequence[str] = ("fp32",), optimizer_impl: str = "auto",
+                      method_args: Any = None) -> dict[str, Any]:
     """Train and/or decode timing of `methods` (what: "train", "decode" or "both"); returns the JSON summary.
     Training steps use the AdamW a training run builds, computed by `optimizer_impl` (`train.optimizer_impl`).
 
@@ -185,7 +190,7 @@ def run_methods_bench(methods: list[str], model_kind: str, what: str, runs: int,
         tokenizer = tiny_tokenizer()
         if generator.get_input_embeddings().num_embeddings < len(tokenizer):
             raise UserError(f"bench --methods needs a tokenizer for --model {model_kind}; use tiny or default")
-    models = build_models(methods, generator, reasoner, tokenizer)
+    models = build_models(methods, generator, reasoner, tokenizer, method_args)
     c_g, c_r = per_token_macs(FlyThinker(generator, reasoner))
     # Prompt budgets sized to the model's context, so CoT's reasoning cap and the response still fit on tiny models.
     ctx = getattr(generator.config, "max_position_embeddings", 2048) or 2048

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ..methods.base import ModelArgs
 from ..utils import UserError, native_bf16
 
 PRECISIONS = ("fp32", "bf16")
@@ -174,6 +175,10 @@ class TrainBenchConfig:
     """With methods: examples in the fixed dataset (one per step); `steps` is then the number of timed epochs."""
     plot: str = ""
     """With methods: also write the Fig. 3-style PNG here."""
+    method_args: ModelArgs = field(default_factory=ModelArgs)
+    """With methods: the method settings every method is built with, as `--model.*` in train/study (e.g.
+    --method_args.coconut.latents 16, --method_args.cot.max_reasoning_tokens 64, --method_args.fusion.lam 0.2);
+    its generator / reasoner / method fields are not used (`--model` picks the models)."""
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     """How AdamW computes its step, as `train.optimizer_impl` (auto: fused where torch has the kernel, as training
     runs; for-loop: torch's per-parameter default on CPU, what the benches timed before fused became the default)."""
