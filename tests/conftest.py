@@ -43,6 +43,19 @@ def gen_reasoner():
     return tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny FlyThinker checkpoint (Llama Generator + 1-layer Reasoner, seeds 1 and 2) with its tokenizer;
+    one per test module, read-only for the tests (copy it before damaging it)."""
+    from flythinker import FlyThinker
+    from flythinker.testing import tiny_lm, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
+               tokenizer=tiny_tokenizer()).save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

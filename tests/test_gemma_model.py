@@ -34,6 +34,8 @@ from flythinker.models import load_models, load_tokenizer, truncated_config, tru
 from flythinker.testing import tiny_lm, tiny_tokenizer
 from flythinker.utils import UserError
 
+from .decoding.test_loop import untied_scaled_lm
+
 S, F = "sliding_attention", "full_attention"
 
 
@@ -49,19 +51,7 @@ def _gemma_config(layers=(S, F, S, F), sliding_window=4):
 def _gemma(seed=0, **kw):
     """A tiny random Gemma-3 with an untied head and larger weights than HF's init, so greedy decodes vary and a
     wrong cache shows (tied, Gemma's sqrt(H)-scaled embeddings make every row repeat one token)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = _gemma_config(**kw)
-    cfg.tie_word_embeddings = False
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return untied_scaled_lm(_gemma_config(**kw), seed, std=0.1)
 
 
 def _uncached_greedy(model, ids, mask, n):

@@ -59,14 +59,6 @@ def test_batch_fn_seeds_each_chunk_by_its_position():
 # the checkpoint side of `generate`: damaged checkpoints are one line naming the file; fingerprints
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
-               tokenizer=tiny_tokenizer()).save_pretrained(d)
-    return d
-
-
 def _damaged(saved, tmp_path, damage):
     d = tmp_path / "ckpt"
     shutil.copytree(saved, d)

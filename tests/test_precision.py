@@ -5,7 +5,6 @@ fingerprint under `--dtype auto`, and the server's untrained model."""
 import pytest
 import torch
 
-from flythinker import FlyThinker
 from flythinker.data import DataConfig, Example
 from flythinker.decoding import DecodeConfig
 from flythinker.testing import tiny_lm, tiny_tokenizer
@@ -83,14 +82,6 @@ def test_model_dtype_loads_fp32_unless_explicit(monkeypatch):
     for dtype, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
         model, _ = get_method("sft").build(ModelArgs(method="sft", dtype=dtype))
         assert {p.dtype for p in model.parameters()} == {want}
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
-               tokenizer=tiny_tokenizer()).save_pretrained(d)
-    return d
 
 
 def _examples(n=2):

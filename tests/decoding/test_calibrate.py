@@ -19,7 +19,7 @@ from flythinker.hf import device_of
 from flythinker.methods.flythinker.decode import choose_backend, per_token_macs
 from flythinker.testing import tiny_lm, tiny_tokenizer
 
-from .test_loop import _lm
+from .test_loop import _lm, _prompts
 
 V = 384
 
@@ -48,13 +48,13 @@ def cache(monkeypatch, tmp_path):
 class FakeTimer:
     """A step timer that runs the step and reports `fast` as the faster candidate; records every call."""
 
-    def __init__(self, fast):
-        self.fast, self.calls = fast, []
+    def __init__(self, fast, slow=0.004):
+        self.fast, self.slow, self.calls = fast, slow, []
 
     def __call__(self, candidate, step):
         step()
         self.calls.append(candidate.label)
-        return 0.001 if candidate.label == self.fast else 0.004
+        return 0.001 if candidate.label == self.fast else self.slow
 
 
 @pytest.fixture
@@ -65,17 +65,6 @@ def timer(monkeypatch):
         return t
 
     return install
-
-
-def _prompts(lengths=(9, 9), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(3, V, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids, mask
 
 
 def _stepper(model, ids, mask=None, **cfg):
@@ -97,7 +86,7 @@ def _entries(path):
 @pytest.mark.parametrize("fast", ["sequential", "threads 1+1"])
 def test_auto_runs_the_candidate_the_timer_finds_faster(fly, two_threads, cache, timer, fast):
     t = timer(fast)
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     s = _stepper(fly, ids)
     try:
         assert s.choice is not None and s.choice.source == "measured" and s.choice.label == fast
@@ -134,7 +123,7 @@ def test_calibration_is_a_short_probe(fly, two_threads, cache, timer):
 
 def test_choose_backend_takes_the_timer_as_an_argument(fly, two_threads, cache):
     t = FakeTimer("threads 1+1")
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     name, split, choice = choose_backend(fly, ids, DecodeConfig(), time_step=t)
     assert (name, split, choice.source) == ("threads", (1, 1), "measured") and t.calls
     assert choose_backend(fly, ids, DecodeConfig(concurrent="sequential"), time_step=t) == ("sequential", None, None)
@@ -142,7 +131,7 @@ def test_choose_backend_takes_the_timer_as_an_argument(fly, two_threads, cache):
 
 def test_cache_hit_miss_staleness_and_key_change(fly, two_threads, cache, timer):
     t = timer("threads 1+1")
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     _stepper(fly, ids).close()
     measured = len(t.calls)
     s = _stepper(fly, ids)  # hit: nothing timed
@@ -220,7 +209,7 @@ def test_an_unwritable_cache_still_decodes(fly, two_threads, monkeypatch, tmp_pa
     blocker.write_text("x")
     monkeypatch.setenv("FLYTHINKER_CACHE", str(blocker))  # mkdir under a file fails
     timer("threads 1+1")
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     ref = generate(fly, ids, max_new_tokens=6, eos_token_id=[], concurrent="sequential")
     assert torch.equal(generate(fly, ids, max_new_tokens=6, eos_token_id=[]), ref)
 
@@ -244,7 +233,7 @@ def test_candidates():
                                                 (True, "threads"), (False, "sequential")])
 def test_an_explicit_backend_wins(fly, two_threads, cache, timer, concurrent, backend):
     t = timer("threads 1+1")
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     s = _stepper(fly, ids, concurrent=concurrent)
     s.close()
     assert s.backend.name == backend and s.choice is None and t.calls == [] and not cache.exists()
@@ -252,7 +241,7 @@ def test_an_explicit_backend_wins(fly, two_threads, cache, timer, concurrent, ba
 
 def test_switched_off_or_one_thread_follows_the_fixed_rule(fly, two_threads, cache, timer, monkeypatch):
     t = timer("threads 1+1")
-    ids, _ = _prompts()
+    ids, _ = _prompts((9, 9))
     monkeypatch.setenv(calibrate.ENV, "0")
     s = _stepper(fly, ids)
     s.close()
@@ -303,7 +292,7 @@ def test_prefill_runs_with_every_thread_and_only_steps_split(fly, caller):
     before = torch.get_num_threads()
     torch.set_num_threads(caller)
     seen, hooks = _thread_log(fly)
-    ids, mask = _prompts()
+    ids, mask = _prompts((9, 9))
     try:
         generate(fly, ids, mask, max_new_tokens=4, eos_token_id=[], concurrent="threads", cpu_threads=(1, 1))
         after = torch.get_num_threads()

@@ -14,6 +14,8 @@ from flythinker.decoding.dtype_choice import choose_decode_dtype, decode_lms
 from flythinker.inference import recorded_decode_dtype
 from flythinker.testing import tiny_lm, tiny_tokenizer
 
+from .test_calibrate import FakeTimer as CalibrateTimer
+
 PROMPT = 16  # a short probe prefill keeps the tests fast; the timer is fake anyway
 
 
@@ -27,16 +29,10 @@ def measuring(monkeypatch, tmp_path):
     return tmp_path / "cache" / calibrate.CACHE_NAME
 
 
-class FakeTimer:
-    """Runs each step and reports `fast` (a dtype name) as the faster; records the dtype of every timed step."""
-
-    def __init__(self, fast):
-        self.fast, self.calls = fast, []
-
-    def __call__(self, candidate, step):
-        step()
-        self.calls.append(candidate.label)
-        return 0.001 if candidate.label == self.fast else 0.003
+def FakeTimer(fast):
+    """test_calibrate's timer with candidates labelled by dtype: runs each step, reports `fast` (a dtype name) as the
+    faster (1 vs 3 ms) and records the dtype of every timed step."""
+    return CalibrateTimer(fast, slow=0.003)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +150,6 @@ class Chose:
         got = self.dtype if dtype == "auto" else getattr(torch, dtype)
         return dtype_choice.DtypeChoice(got, "measured" if dtype == "auto" else "explicit", batch_size,
                                         {"float32": 2.0, "bfloat16": 1.0})
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
-               tokenizer=tiny_tokenizer()).save_pretrained(d)
-    return d
 
 
 def test_predictor_from_checkpoint_decodes_in_the_choice_at_its_batch_size(measuring, monkeypatch, saved):

@@ -22,9 +22,13 @@ N = 16
 def _lm(seed, arch="llama", std=0.1, **kw):
     """A tiny random LM with untied, larger weights: the default init (std 0.02, tied head) makes greedy decoding
     repeat one token, which would let a wrong decoder pass."""
+    return untied_scaled_lm(tiny_config(arch, **kw), seed, std)
+
+
+def untied_scaled_lm(cfg, seed, std=0.1):
+    """The model of `cfg` with an untied head and every matrix drawn at `std` (seeded), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch, **kw)
     cfg.tie_word_embeddings = False
     with torch.random.fork_rng():
         torch.manual_seed(seed)
