@@ -58,6 +58,17 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden_size: int = 3
     raise ValueError(f"unknown tiny arch {arch!r}; valid: llama, qwen2")
 
 
+def random_features(n: int, seed: int = 0, vocab: int = 384) -> list[dict[str, list[int]]]:
+    """`n` random encoded training examples (prompt 4-8 tokens, response 3-7 + EOS id 2), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    feats = []
+    for _ in range(n):
+        p, r = int(torch.randint(4, 9, (1,), generator=g)), int(torch.randint(3, 8, (1,), generator=g))
+        ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
+        feats.append({"prompt_ids": ids[:p], "response_ids": ids[p:] + [2]})
+    return feats
+
+
 def tiny_lm(arch: str = "llama", seed: int = 0, **kw):
     """A seeded random causal LM from `tiny_config` (fp32, eval mode)."""
     from transformers import AutoModelForCausalLM

@@ -12,7 +12,7 @@ import flythinker.methods.flythinker.model as model_module
 import flythinker.training.loop as loop_module
 from flythinker import FlyThinker
 from flythinker.hf import base_model
-from flythinker.testing import tiny_lm
+from flythinker.testing import random_features, tiny_lm
 from flythinker.training.checkpoint import run_identity
 from flythinker.training.config import TrainArgs
 from flythinker.training.loop import _grad_norms, clip_to_norm, fit
@@ -22,16 +22,6 @@ from flythinker.utils import UserError
 
 def _model():
     return FlyThinker(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1))
-
-
-def _features(n=6, seed=0, V=384):
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        p, r = int(torch.randint(4, 9, (1,), generator=g)), int(torch.randint(3, 8, (1,), generator=g))
-        ids = torch.randint(3, V, (p + r,), generator=g).tolist()
-        feats.append({"prompt_ids": ids[:p], "response_ids": ids[p:] + [2]})
-    return feats
 
 
 def _args(out, **kw):
@@ -55,7 +45,7 @@ def built(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["fused", "foreach", "auto"])
 def test_impl_gives_the_for_loop_weights_after_three_steps(tmp_path, built, impl):
-    feats = _features()
+    feats = random_features(6)
     start = _model()
     runs = {}
     for name in ("for-loop", impl):
@@ -72,7 +62,7 @@ def test_impl_gives_the_for_loop_weights_after_three_steps(tmp_path, built, impl
 
 
 def test_resume_is_exact_and_keeps_the_chosen_impl(tmp_path, built):
-    feats = _features()
+    feats = random_features(6)
     start = _model()
     straight = fit(copy.deepcopy(start), feats, _args(tmp_path / "s", max_steps=4), pad_token_id=0)
     args = _args(tmp_path / "r", max_steps=2, save_every=2, keep_checkpoints=0)
@@ -92,7 +82,7 @@ def test_resume_is_exact_and_keeps_the_chosen_impl(tmp_path, built):
 
 def test_impl_is_not_part_of_the_run_identity():
     """A resume may switch it, and a run recorded before the setting existed is the same run."""
-    feats = _features(2)
+    feats = random_features(2)
     ids = [run_identity({}, TrainArgs(optimizer_impl=impl).__dict__, feats, 1)["fingerprint"]
            for impl in ("auto", "fused", "for-loop")]
     older = {k: v for k, v in TrainArgs().__dict__.items() if k != "optimizer_impl"}

@@ -27,17 +27,6 @@ import torch
 REPORT_VERSION = 1
 
 
-def _features(n: int, seed: int = 0, vocab: int = 384) -> list[dict[str, list[int]]]:
-    """`n` random encoded training examples (prompt 4-8 tokens, response 3-7 + EOS id 2), seeded."""
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        p, r = int(torch.randint(4, 9, (1,), generator=g)), int(torch.randint(3, 8, (1,), generator=g))
-        ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
-        feats.append({"prompt_ids": ids[:p], "response_ids": ids[p:] + [2]})
-    return feats
-
-
 def _peak_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -148,7 +137,7 @@ def train_worker(out_dir: str, batch_size: int, steps: int, save_every: int = 0,
     `accelerate launch` set up (or `accelerator`), saving final/; write and return {"losses", "engine",
     "peak_mib"} as out_dir/rank<r>.json. Every process runs it."""
     from ..methods import ModelArgs, get_method
-    from ..testing import tiny_lm
+    from ..testing import random_features, tiny_lm
     from ..training.config import TrainArgs
     from ..training.loop import engine_of, fit
 
@@ -164,7 +153,7 @@ def train_worker(out_dir: str, batch_size: int, steps: int, save_every: int = 0,
     args = TrainArgs(out_dir=out_dir, max_steps=steps, batch_size=batch_size, grad_accum=2, lr_generator=1e-2,
                      lr_reasoner=1e-2, progress=False, save_final=True, save_every=save_every, keep_checkpoints=0,
                      resume=resume, precision="fp32")
-    res = fit(model, _features(8), args, pad_token_id=0, accelerator=accelerator)
+    res = fit(model, random_features(8), args, pad_token_id=0, accelerator=accelerator)
     rec = {"losses": res.losses, "engine": engine_of(accelerator), "peak_mib": _peak_mib(device),
            "processes": accelerator.num_processes}
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps(rec))
