@@ -106,7 +106,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     from ..training.loop import fit
     from .timing import median_step_seconds
 
-    folder = Path(out_dir) / _slug(spec.name)
+    folder = Path(out_dir) / row_folder_name(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     data_cfg = spec.data_config(data)
     result = MethodResult(spec.name, spec.method, folder / "predictions.jsonl")
@@ -274,7 +274,8 @@ def _row_decode_dtype(res: MethodResult, model: Any) -> torch.dtype:
     return resolve_dtype("auto", next(model.parameters()).device)
 
 
-def _slug(name: str) -> str:
+def row_folder_name(name: str) -> str:
+    """A row's folder name under its split: the display name with anything but letters, digits, -_. as _."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 

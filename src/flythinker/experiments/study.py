@@ -135,6 +135,11 @@ class StudyConfig:
     """Registered methods to compare (flythinker.methods.METHODS), each with the study's settings."""
     variants: list[Variant] = field(default_factory=list)
     """Extra rows with overridden settings (see Variant); empty by default."""
+    only: list[str] = field(default_factory=list)
+    """Row names (display names, e.g. SFT, Coconut, CoS) to train and decode this time; empty: every row. A row
+    not named is still reported when its folder holds a finished run (all its predictions, and its trained model
+    if it has one), and is skipped otherwise, so one added row gets its figures beside the finished ones without
+    the unfinished rest running first."""
     train_examples: int = 400
     """Training examples per split (first N of a seeded shuffle of train)."""
     eval_examples: int = 100
@@ -177,11 +182,28 @@ class StudyConfig:
         if dup:
             raise UserError(f"variants: name(s) {', '.join(dup)} used twice (methods are named "
                             f"{', '.join(METHODS[m].display for m in self.methods)})")
+        unknown = [n for n in self.only if n not in names]
+        if unknown:
+            raise UserError(f"only: no row named {', '.join(unknown)}; the rows are {', '.join(names)}")
 
     def rows(self):
         from .runner import MethodSpec
 
         return [MethodSpec(METHODS[m].display, m) for m in self.methods] + [v.spec() for v in self.variants]
+
+
+def _finished(spec: MethodSpec, split_dir: Path, n_examples: int) -> bool:
+    """Whether a row's folder holds a finished run: every reported example predicted, and the trained model saved
+    when the method trains (run_method then reuses both after checking they are this row's settings)."""
+    from .runner import row_folder_name
+
+    folder = split_dir / row_folder_name(spec.name)
+    preds = folder / "predictions.jsonl"
+    if not preds.is_file():
+        return False
+    with preds.open(encoding="utf-8") as f:
+        done = sum(1 for line in f if line.strip())
+    return done >= n_examples and (not spec.trained or (folder / "train" / "final" / "flythinker.json").is_file())
 
 
 def _split_files(root: Path, split: str) -> tuple[Path, Path]:
@@ -301,13 +323,18 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
         log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
         results, specs = [], []
         for spec in cfg.rows():
+            if cfg.only and spec.name not in cfg.only and not _finished(spec, out / split, len(dev)):
+                log(f"[{spec.name}] not in `only` and not finished in {out / split}: skipped")
+                continue
             specs.append(spec)
             results.append(run_method(spec, train, dev, cfg.model, cfg.data,
                                       dataclasses.replace(cfg.train, seed=cfg.seed), cfg.decode, out / split,
                                       progress=cfg.train.progress, log=log, reasoner_device=cfg.reasoner_device))
         remeasure_decode(results, specs, cfg.model, cfg.data, dev[0], out / split, tok, log=log,
                          reasoner_device=cfg.reasoner_device, concurrent=cfg.decode.concurrent)
-        base = METHODS["sft"].display if "sft" in cfg.methods else METHODS[cfg.methods[0]].display
+        # the CIs' baseline: SFT when it is a row of this run, else the first row
+        base = next((s.name for s in specs if s.method == "sft" and s.name == METHODS["sft"].display),
+                    specs[0].name if specs else "")
         rep = run_evaluation([r.predictions for r in results], out / split / "eval",
                              EvalConfig(metrics=metrics, baseline=base, seed=cfg.seed), tokenizer=tok)
         summary["splits"][split] = {"train_examples": len(train), "eval_examples": len(dev),
