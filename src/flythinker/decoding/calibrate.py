@@ -186,9 +186,8 @@ def choose(key: dict[str, Any], cands: Sequence[Candidate], open_probe: Callable
     path = cache_path() if path is None else Path(path)
     now = time.time() if now is None else now
     by_label = {c.label: c for c in cands}
-    entry = _read(path).get(digest)
-    if isinstance(entry, dict) and entry.get("choice") in by_label and isinstance(entry.get("measured_at"), (int, float)) \
-            and 0 <= now - entry["measured_at"] <= ttl:
+    entry = fresh_entry(path, digest, ttl, now)
+    if entry is not None and entry.get("choice") in by_label:
         c = by_label[entry["choice"]]
         return Choice(c.backend, c.cpu_threads, "cache", dict(entry.get("ms") or {}), digest)
     step, close = open_probe(probe_steps(len(cands)))
@@ -198,9 +197,19 @@ def choose(key: dict[str, Any], cands: Sequence[Candidate], open_probe: Callable
         close()
     best = min(cands, key=lambda c: ms[c.label])  # min keeps the first of equals
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # recorded to explain a surprising choice
-    _write(path, digest, {"choice": best.label, "ms": {k: round(v, 4) for k, v in ms.items()}, "measured_at": now,
+    store(path, digest, {"choice": best.label, "ms": {k: round(v, 4) for k, v in ms.items()}, "measured_at": now,
                           "load_before": load, "key": full})
     return Choice(best.backend, best.cpu_threads, "measured", ms, digest)
+
+
+def fresh_entry(path: Path, digest: str, ttl: float, now: float) -> dict[str, Any] | None:
+    """The cache's entry for `digest` when it is a dict measured at most `ttl` seconds before `now`; else None
+    (missing, stale, from the future, or unreadable: measured over). The caller checks its own fields."""
+    entry = _read(path).get(digest)
+    if isinstance(entry, dict) and isinstance(entry.get("measured_at"), (int, float)) \
+            and 0 <= now - entry["measured_at"] <= ttl:
+        return entry
+    return None
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -213,7 +222,7 @@ def _read(path: Path) -> dict[str, Any]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write(path: Path, digest: str, entry: dict[str, Any]) -> None:
+def store(path: Path, digest: str, entry: dict[str, Any]) -> None:
     """Add one entry under the cache's lock (read again inside it, so two processes' entries both survive),
     keeping the newest MAX_ENTRIES, and replace the file atomically."""
     from ..safeio import atomic_write_text, exclusive_lock

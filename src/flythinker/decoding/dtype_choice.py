@@ -139,16 +139,16 @@ def choose_decode_dtype(lms: Sequence[nn.Module], batch_size: int, dtype: str = 
         return DtypeChoice(resolve_dtype("auto", device), "rule", batch_size)
     path = calibrate.cache_path() if path is None else Path(path)
     now = time.time() if now is None else now
-    cached = cached_decode_dtype(lms, batch_size, prompt_tokens, path, ttl, now)
-    if cached is not None:
-        return cached
     key = _key(lms, batch_size, prompt_tokens)
     digest = fingerprint(key)
+    cached = _cached(path, digest, batch_size, ttl, now)
+    if cached is not None:
+        return cached
     ms = measure_dtypes(lms, batch_size, prompt_tokens, time_step)
     best = min(DTYPES, key=lambda d: ms[d])  # min keeps the first of equals: fp32
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # recorded to explain a surprising choice
-    calibrate._write(path, digest, {"choice": best, "ms": {k: round(v, 4) for k, v in ms.items()},
-                                    "measured_at": now, "load_before": load, "key": key})
+    calibrate.store(path, digest, {"choice": best, "ms": {k: round(v, 4) for k, v in ms.items()},
+                                   "measured_at": now, "load_before": load, "key": key})
     return DtypeChoice(getattr(torch, best), "measured", batch_size, ms, digest)
 
 
@@ -169,10 +169,12 @@ def cached_decode_dtype(lms: Sequence[nn.Module], batch_size: int, prompt_tokens
 
     digest = fingerprint(_key(lms, batch_size, prompt_tokens))
     path = calibrate.cache_path() if path is None else Path(path)
-    now = time.time() if now is None else now
-    entry = calibrate._read(path).get(digest)
-    if isinstance(entry, dict) and entry.get("choice") in DTYPES and isinstance(entry.get("ms"), dict) \
-            and isinstance(entry.get("measured_at"), (int, float)) and 0 <= now - entry["measured_at"] <= ttl:
+    return _cached(path, digest, batch_size, ttl, time.time() if now is None else now)
+
+
+def _cached(path: Path, digest: str, batch_size: int, ttl: float, now: float) -> DtypeChoice | None:
+    entry = calibrate.fresh_entry(path, digest, ttl, now)
+    if entry is not None and entry.get("choice") in DTYPES and isinstance(entry.get("ms"), dict):
         return DtypeChoice(getattr(torch, entry["choice"]), "cache", int(batch_size),
                            {k: float(v) for k, v in entry["ms"].items()}, digest)
     return None
