@@ -331,8 +331,10 @@ def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
         settings.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed=d.seed)
     # The anti-repetition settings enter only when on, so fingerprints of runs from before they existed still match.
     settings.update({k: v for k, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0),
-                                         ("min_new_tokens", 0), ("penalty_scope", "all"))
+                                         ("min_new_tokens", 0), ("penalty_scope", "all"), ("copy_bonus", 0.0))
                      if (v := getattr(d, k)) != off})
+    if d.copy_bonus > 0:
+        settings["copy_ngram"] = d.copy_ngram
     return fingerprint(settings)
 
 

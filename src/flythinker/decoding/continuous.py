@@ -381,17 +381,18 @@ class RowBatch:
 
 
 # Settings whose processors read the row's tokens so far.
-_HISTORY_KEYS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
+_HISTORY_KEYS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "copy_bonus")
 
 
 class _History:
     """One row's running sequence (its own prompt, unpadded, then each picked token) and its logits processors."""
 
     def __init__(self, cfg: DecodeConfig, prompt_ids: torch.Tensor, eos_ids: Sequence[int], device: torch.device):
-        self.ids = prompt_ids.reshape(1, -1).to(device=device, dtype=torch.long)                 # (1, T_i)
+        prompt = prompt_ids.reshape(1, -1).to(device=device, dtype=torch.long)                   # (1, T_i)
+        self.ids = prompt
         if cfg.penalty_scope == "response":  # the prompt counts for its length only (min_new_tokens)
             self.ids = torch.full_like(self.ids, NO_TOKEN)
-        self.procs = build_logits_processor(cfg, eos_ids, self.ids.shape[1], device)
+        self.procs = build_logits_processor(cfg, eos_ids, self.ids.shape[1], device, prompt_ids=prompt)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return apply_processors(self.procs, self.ids, logits.float())                           # (1, V)

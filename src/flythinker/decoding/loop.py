@@ -183,13 +183,14 @@ def _stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     seq = procs = None
     if cfg.uses_history:  # the one check default settings pay: no sequence kept, no processors built
         B, T = input_ids.shape
-        procs = build_logits_processor(cfg, eos_ids, T, dev)
+        prompt = input_ids.to(dev).masked_fill(attention_mask.to(dev) == 0, NO_TOKEN)        # (B, T)
+        procs = build_logits_processor(cfg, eos_ids, T, dev, prompt_ids=prompt)
         with torch.inference_mode():
             # The running sequence the processors read: prompt (padding as NO_TOKEN, so it counts for nothing)
             # then each picked column; seq[:, : T + t] is what step t sees.
             seq = torch.full((B, T + cfg.max_new_tokens), NO_TOKEN, dtype=torch.long, device=dev)  # (B, T + N)
             if cfg.penalty_scope == "all":  # "response": the prompt stays NO_TOKEN, so only new tokens count
-                seq[:, :T] = input_ids.to(dev).masked_fill(attention_mask.to(dev) == 0, NO_TOKEN)
+                seq[:, :T] = prompt
     try:
         if streamer is not None:
             streamer.put(input_ids.detach().cpu())

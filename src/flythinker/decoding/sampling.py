@@ -55,6 +55,13 @@ class DecodeConfig:
     generate does) or "response" (the generated tokens only). For personalization "response" is the one that stops
     loops without also penalizing the words of the user's history that the prompt shows, which are the words a
     personalized answer should reuse."""
+    copy_bonus: float = 0.0
+    """Added to the logit of every token that continues, somewhere in the prompt, the last copy_ngram - 1
+    generated tokens (`HistoryCopyBonus`; 0 = off). Not in the paper: a lever for users whose next text reuses
+    long spans of their own history, which a small model rarely reproduces by itself (docs/results.md)."""
+    copy_ngram: int = 3
+    """The n of copy_bonus: an n-gram of the prompt whose first n - 1 tokens end the response so far proposes its
+    last token (>= 2)."""
     seed: int | None = None
     """Seeds a private torch.Generator so sampling is reproducible across runs and backends (None: global RNG)."""
     eos_token_id: int | list[int] | None = None
@@ -94,6 +101,11 @@ class DecodeConfig:
         if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 disables it); "
                              f"got {self.no_repeat_ngram_size!r}")
+        cb = self.copy_bonus
+        if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not (cb >= 0 and math.isfinite(cb)):
+            raise ValueError(f"copy_bonus must be a number >= 0 (0 disables it); got {cb!r}")
+        if not _is_int(self.copy_ngram) or self.copy_ngram < 2:
+            raise ValueError(f"copy_ngram must be an integer >= 2; got {self.copy_ngram!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0 (0 disables it); got {self.min_new_tokens!r}")
         if self.backend is not None:
@@ -119,7 +131,8 @@ class DecodeConfig:
     @property
     def uses_history(self) -> bool:
         """True when a step's logits depend on the tokens so far (so the loop keeps the running sequence)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
+        return (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
+                or self.copy_bonus > 0)
 
     @classmethod
     def from_generation_config(cls, generation_config: Any, **overrides: Any) -> DecodeConfig:
@@ -196,14 +209,49 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list[Any]:
     return out
 
 
+class HistoryCopyBonus:
+    """A logits processor (transformers' `LogitsProcessor` call signature) that adds `bonus` to the logit of every
+    token y such that the prompt holds the n-gram (last n - 1 response tokens, y): it pulls the decode along spans
+    of the user's own history once it has started one. Off until the response has n - 1 tokens, so the prompt's
+    own end (the chat template) never proposes anything. A token proposed by several matches gets the bonus once.
+
+    prompt_ids: (B, T) the rows' prompts, padding as `NO_TOKEN` (or any id < 0 or >= the vocabulary), which never
+    matches; prompt_length: T, the column where the response starts in the ids the processor is called with."""
+
+    def __init__(self, prompt_ids: torch.Tensor, n: int, bonus: float):
+        self.n, self.bonus, self.T = int(n), float(bonus), prompt_ids.shape[1]
+        ids = prompt_ids.long()
+        if ids.shape[1] >= self.n:
+            windows = ids.unfold(1, self.n, 1)                                       # (B, W, n), W = T - n + 1
+            self.keys, self.next = windows[..., :-1], windows[..., -1]              # (B, W, n - 1), (B, W)
+        else:
+            self.keys = self.next = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.T
+        if self.keys is None or t < self.n - 1:
+            return scores
+        width = scores.shape[-1]
+        suffix = input_ids[:, -(self.n - 1):].to(self.keys.device)                  # (B, n - 1)
+        hit = (self.keys == suffix[:, None, :]).all(dim=-1)                         # (B, W)
+        hit &= (self.next >= 0) & (self.next < width)                               # padding proposes nothing
+        nxt = torch.where(hit, self.next, torch.zeros_like(self.next))              # (B, W)
+        add = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)   # (B, V)
+        add.scatter_add_(1, nxt.to(scores.device), hit.to(device=scores.device, dtype=scores.dtype))  # matches
+        return scores + self.bonus * add.clamp(max=1)                              # once per proposed token
+
+
 def build_logits_processor(cfg: DecodeConfig, eos_ids: Sequence[int] = (), prompt_length: int = 0,
-                           device: torch.device | str | None = None) -> Any:
-    """The step's logits processing for `cfg` as a `transformers.LogitsProcessorList`, in the order transformers'
-    `GenerationMixin._get_logits_processor` builds it: repetition penalty, no-repeat n-grams, min new tokens (only
-    with EOS ids to suppress), then, when sampling, temperature, top-k, top-p.
+                           device: torch.device | str | None = None, prompt_ids: torch.Tensor | None = None) -> Any:
+    """The step's logits processing for `cfg` as a `transformers.LogitsProcessorList`: the history copy bonus
+    (ours, `HistoryCopyBonus`, first), then in the order transformers' `GenerationMixin._get_logits_processor`
+    builds them: repetition penalty, no-repeat n-grams, min new tokens (only with EOS ids to suppress), then, when
+    sampling, temperature, top-k, top-p.
 
     Call it as `scores = procs(ids, logits)`: ids (B, prompt_length + t) the prompt (left padding as `NO_TOKEN`)
     and the t tokens picked so far, logits (B, V) float. Empty for greedy decoding without penalties.
+    prompt_ids: (B, prompt_length) the prompts themselves (padding as `NO_TOKEN`), which the copy bonus reads
+    whatever `penalty_scope` hides from the others; required when cfg.copy_bonus > 0.
     """
     from transformers import (
         LogitsProcessorList,
@@ -213,6 +261,10 @@ def build_logits_processor(cfg: DecodeConfig, eos_ids: Sequence[int] = (), promp
     )
 
     procs = LogitsProcessorList()
+    if cfg.copy_bonus > 0:
+        if prompt_ids is None:
+            raise ValueError("copy_bonus needs the prompts (build_logits_processor(..., prompt_ids=...))")
+        procs.append(HistoryCopyBonus(prompt_ids.to(device or "cpu"), cfg.copy_ngram, cfg.copy_bonus))
     if cfg.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(float(cfg.repetition_penalty)))
     if cfg.no_repeat_ngram_size > 0:
@@ -269,5 +321,5 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
     return pick_token(scores, generator, True)
 
 
-__all__ = ["BACKENDS", "NO_TOKEN", "DecodeConfig", "apply_processors", "build_logits_processor", "decode_config",
+__all__ = ["BACKENDS", "NO_TOKEN", "DecodeConfig", "HistoryCopyBonus", "apply_processors", "build_logits_processor", "decode_config",
            "pick_token", "sample_next_token"]
