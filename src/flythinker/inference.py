@@ -73,8 +73,8 @@ class Predictor:
         return dict(max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature,
                     top_p=d.top_p, top_k=d.top_k, seed=seed, eos_token_id=self.eos_ids or None,
                     repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
-                    min_new_tokens=d.min_new_tokens, penalty_scope=d.penalty_scope,
-                    pad_token_id=self.pad, concurrent=d.concurrent, cpu_threads=d.cpu_threads)
+                    min_new_tokens=d.min_new_tokens, penalty_scope=d.penalty_scope, copy_bonus=d.copy_bonus,
+                    copy_ngram=d.copy_ngram, pad_token_id=self.pad, concurrent=d.concurrent, cpu_threads=d.cpu_threads)
 
     def encode(self, batch: Sequence[Any]) -> dict[str, Any]:
         """Left-padded "input_ids" and "attention_mask" of the batch's prompts, plus any further tensors a method's

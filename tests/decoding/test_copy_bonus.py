@@ -121,3 +121,23 @@ def test_off_it_builds_nothing_and_keeps_fingerprints_and_bad_values_are_one_lin
         with pytest.raises(ValueError, match=field) as e:
             DecodeConfig(**{field: value})
         assert "\n" not in str(e.value)
+
+
+def test_the_predictor_and_the_generate_flags_carry_the_bonus(models):
+    import argparse
+
+    from flythinker.cli.generate import add_cli, decode_config
+    from flythinker.inference import Predictor
+    from flythinker.testing import tiny_tokenizer
+    from flythinker.utils import UserError
+
+    kw = Predictor(FlyThinker(models[0], None), tiny_tokenizer(), None,
+                   DecodeConfig(copy_bonus=2.5, copy_ngram=4))._kwargs(seed=0)
+    assert (kw["copy_bonus"], kw["copy_ngram"]) == (2.5, 4)
+    parser = argparse.ArgumentParser()
+    add_cli(parser)
+    args = parser.parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--copy-bonus", "3", "--copy-ngram", "4"])
+    cfg = decode_config(args)
+    assert (cfg.copy_bonus, cfg.copy_ngram) == (3.0, 4)
+    with pytest.raises(UserError, match="copy_bonus"):
+        decode_config(parser.parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--copy-bonus", "-1"]))

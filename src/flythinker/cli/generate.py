@@ -55,6 +55,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalty-scope", default=d.penalty_scope, choices=("all", "response"),
                         help="what the repetition penalty and n-gram ban look at: prompt and output (all) or the "
                              "generated tokens only (response)")
+    parser.add_argument("--copy-bonus", type=float, default=d.copy_bonus,
+                        help="added to the logit of each token that continues an n-gram of the prompt (the user's "
+                             "history) ending the response so far (0 = off)")
+    parser.add_argument("--copy-ngram", type=int, default=d.copy_ngram, help="the n of --copy-bonus (>= 2)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype for decoding; auto: on a CPU with native bf16 (AVX512-BF16, AMX) "
                              "whichever of fp32 and bf16 decodes faster at --decode.batch_size, measured once and "
@@ -89,7 +93,8 @@ def decode_config(args: argparse.Namespace):
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
-                            penalty_scope=args.penalty_scope, backend=getattr(args, "backend", None))
+                            penalty_scope=args.penalty_scope, copy_bonus=args.copy_bonus,
+                            copy_ngram=args.copy_ngram, backend=getattr(args, "backend", None))
     except ValueError as e:
         raise UserError(str(e)) from None
 
