@@ -22,7 +22,7 @@ model: {{generator: {gen_dir}, reasoner: none}}
 data: {{k: 1, profile_tokens: 32, query_tokens: 16, target_tokens: 8}}
 train: {{batch_size: 2, grad_accum: 1, max_steps: 1, progress: false}}
 decode: {{max_new_tokens: 2, batch_size: 2}}
-ablation: {{lams: [], reasoner_layers: []}}
+ablation: {{lams: [0.2], reasoner_layers: []}}
 """)
     return str(cfg)
 
@@ -45,6 +45,7 @@ def test_only_runs_the_named_rows_and_reports_the_finished_ones(tmp_path, tokeni
     assert reported() == {"Copy-latest", "SFT"}
     assert "[Copy-retrieved] not in `only`" in log and "[RAG-k1] not in `only`" in log
     assert not (out / "user" / "Copy-retrieved").exists() and not (out / "user" / "RAG-k1").exists()
+    assert "ablations skipped" in log and not (out / "ablations").exists()
     sft_model = out / "user" / "SFT" / "train" / "final" / "flythinker.json"
     stamp = sft_model.stat().st_mtime_ns
 

@@ -139,7 +139,7 @@ class StudyConfig:
     """Row names (display names, e.g. SFT, Coconut, CoS) to train and decode this time; empty: every row. A row
     not named is still reported when its folder holds a finished run (all its predictions, and its trained model
     if it has one), and is skipped otherwise, so one added row gets its figures beside the finished ones without
-    the unfinished rest running first."""
+    the unfinished rest running first. The ablations do not run while `only` is set."""
     train_examples: int = 400
     """Training examples per split (first N of a seeded shuffle of train)."""
     eval_examples: int = 100
@@ -343,7 +343,9 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
                                     "files": rep.files}
         _write(out, summary, metrics)
 
-    if cfg.ablation.all_points(cfg.data):
+    if cfg.ablation.all_points(cfg.data) and cfg.only:
+        log("ablations skipped: `only` names rows of the main comparison (run without it for the ablations)")
+    elif cfg.ablation.all_points(cfg.data):
         summary["ablations"] = run_ablations(cfg, metrics, tok, log)
         _write(out, summary, metrics)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
