@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,18 +193,19 @@ class StudyConfig:
         return [MethodSpec(METHODS[m].display, m) for m in self.methods] + [v.spec() for v in self.variants]
 
 
-def _finished(spec: MethodSpec, split_dir: Path, n_examples: int) -> bool:
-    """Whether a row's folder holds a finished run: every reported example predicted, and the trained model saved
-    when the method trains (run_method then reuses both after checking they are this row's settings)."""
+def _finished(spec: MethodSpec, split_dir: Path, ids: Sequence[str]) -> bool:
+    """Whether a row's folder holds a finished run: a prediction for each of `ids` (the reported examples; read by
+    `predictions.scan_predictions`, which refuses a file that is not a predictions file in one line), and the trained
+    model saved when the method trains (run_method then reuses both after checking they are this row's settings)."""
+    from ..predictions import scan_predictions
     from .runner import row_folder_name
 
     folder = split_dir / row_folder_name(spec.name)
     preds = folder / "predictions.jsonl"
     if not preds.is_file():
         return False
-    with preds.open(encoding="utf-8") as f:
-        done = sum(1 for line in f if line.strip())
-    return done >= n_examples and (not spec.trained or (folder / "train" / "final" / "flythinker.json").is_file())
+    done = set(scan_predictions(preds, method=spec.name).ids)
+    return done.issuperset(ids) and (not spec.trained or (folder / "train" / "final" / "flythinker.json").is_file())
 
 
 def _split_files(root: Path, split: str) -> tuple[Path, Path]:
@@ -323,7 +325,7 @@ def _run_study(cfg: StudyConfig, plan: dict, log) -> dict:
         log(f"== split {split}: {len(train)} train examples, {len(dev)} dev examples")
         results, specs = [], []
         for spec in cfg.rows():
-            if cfg.only and spec.name not in cfg.only and not _finished(spec, out / split, len(dev)):
+            if cfg.only and spec.name not in cfg.only and not _finished(spec, out / split, [e.id for e in dev]):
                 log(f"[{spec.name}] not in `only` and not finished in {out / split}: skipped")
                 continue
             specs.append(spec)
