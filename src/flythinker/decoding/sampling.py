@@ -216,7 +216,7 @@ class HistoryCopyBonus:
     own end (the chat template) never proposes anything. A token proposed by several matches gets the bonus once.
 
     prompt_ids: (B, T) the rows' prompts, padding as `NO_TOKEN` (or any id < 0 or >= the vocabulary), which never
-    matches; prompt_length: T, the column where the response starts in the ids the processor is called with."""
+    matches; the ids the processor is called with hold them in their first T columns, then the response."""
 
     def __init__(self, prompt_ids: torch.Tensor, n: int, bonus: float):
         self.n, self.bonus, self.T = int(n), float(bonus), prompt_ids.shape[1]
@@ -321,5 +321,5 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
     return pick_token(scores, generator, True)
 
 
-__all__ = ["BACKENDS", "NO_TOKEN", "DecodeConfig", "HistoryCopyBonus", "apply_processors", "build_logits_processor", "decode_config",
-           "pick_token", "sample_next_token"]
+__all__ = ["BACKENDS", "NO_TOKEN", "DecodeConfig", "HistoryCopyBonus", "apply_processors", "build_logits_processor",
+           "decode_config", "pick_token", "sample_next_token"]
