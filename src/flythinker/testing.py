@@ -96,3 +96,24 @@ def medium_models(seed: int = 0):
         g = AutoModelForCausalLM.from_config(g_cfg)
         r = AutoModelForCausalLM.from_config(r_cfg)
     return g.eval(), r.eval(), None
+
+
+def study_yaml(path, data_root, out, generator, **sections) -> str:
+    """Write a tiny `flythinker study` config to `path` and return its path as a string: one split, no BERTScore,
+    no ablations, 2 train / 2 reported examples, a 1-step training and 2-token decoding on `generator` (a saved
+    tiny model) without a Reasoner. `sections` replace whole top-level keys (methods=["sft"],
+    decode={"max_new_tokens": 4, "batch_size": 2}, ...); the tests that run studies share this one shape."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = {"data_root": str(data_root), "out": str(out), "splits": ["user"], "methods": ["sft"],
+           "train_examples": 2, "eval_examples": 2, "bertscore": False,
+           "model": {"generator": str(generator), "reasoner": "none"},
+           "data": {"k": 1, "profile_tokens": 32, "query_tokens": 16, "target_tokens": 8},
+           "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 1, "progress": False},
+           "decode": {"max_new_tokens": 2, "batch_size": 2},
+           "ablation": {"lams": [], "reasoner_layers": []}}
+    cfg.update(sections)
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from flythinker.cli.main import main
+from flythinker.testing import study_yaml
 
 
 @pytest.mark.slow
@@ -22,26 +23,18 @@ def test_a_tiny_study_runs_sft_cos_trsr_and_nextquill_with_a_cos_lambda_sweep(tm
     cache = tmp_path / "summaries.jsonl"
     cfg = tmp_path / "study.yaml"
 
-    def write(methods: str, variants: str) -> None:
-        cfg.write_text(f"""
-data_root: {tmp_path / 'data'}
-out: {tmp_path / 'out'}
-splits: [user]
-methods: {methods}
-variants: {variants}
-train_examples: 3
-eval_examples: 2
-bertscore: false
-model: {{generator: {gen_dir}, reasoner: none, trsr: {{summary_tokens: 24, teacher: {{cache: {cache}}}}}}}
-data: {{k: 1, profile_tokens: 48, query_tokens: 32, target_tokens: 16}}
-train: {{batch_size: 2, grad_accum: 1, max_steps: 2, progress: false, lr_generator: 1.0e-3}}
-decode: {{max_new_tokens: 5, batch_size: 2}}
-ablation: {{lams: [], reasoner_layers: []}}
-""")
+    def write(methods: list[str], variants: list[dict]) -> None:
+        study_yaml(cfg, tmp_path / "data", tmp_path / "out", gen_dir, methods=methods, variants=variants,
+                   train_examples=3,
+                   model={"generator": str(gen_dir), "reasoner": "none",
+                          "trsr": {"summary_tokens": 24, "teacher": {"cache": str(cache)}}},
+                   data={"k": 1, "profile_tokens": 48, "query_tokens": 32, "target_tokens": 16},
+                   train={"batch_size": 2, "grad_accum": 1, "max_steps": 2, "progress": False, "lr_generator": 1e-3},
+                   decode={"max_new_tokens": 5, "batch_size": 2})
 
     # the CoS λ sweep: two variants of the cos row
-    write("[sft, cos, trsr, nextquill]", "[{name: CoS-lam0, method: cos, overrides: {model.cos.lam: 0.0}}, "
-          "{name: CoS-lam3, method: cos, overrides: {model.cos.lam: 3.0}}]")
+    write(["sft", "cos", "trsr", "nextquill"],
+          [{"name": f"CoS-lam{lam:g}", "method": "cos", "overrides": {"model.cos.lam": lam}} for lam in (0.0, 3.0)])
     assert main(["study", "--config", str(cfg)]) == 0
     log = capsys.readouterr().out
     out = tmp_path / "out" / "user"
@@ -61,7 +54,7 @@ ablation: {{lams: [], reasoner_layers: []}}
     assert cache.is_file() and len(cache.read_text().splitlines()) >= 3         # training + eval summaries
 
     # λ = 0 is the untrained Generator with RAG's prompt: a RAG row in the same folder writes the same texts
-    write("[rag]", "[]")
+    write(["rag"], [])
     assert main(["study", "--config", str(cfg)]) == 0
     rag = [json.loads(x)["prediction"] for x in (out / "RAG" / "predictions.jsonl").read_text().splitlines()]
     lam0 = [json.loads(x)["prediction"] for x in (out / "CoS-lam0" / "predictions.jsonl").read_text().splitlines()]

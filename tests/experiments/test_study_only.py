@@ -4,27 +4,13 @@ name is a one-line error before anything runs."""
 import json
 
 from flythinker.cli.main import main
+from flythinker.testing import study_yaml
 
 
-def _config(tmp_path, gen_dir, only: str) -> str:
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(f"""
-data_root: {tmp_path / 'data'}
-out: {tmp_path / 'out'}
-splits: [user]
-methods: [copy_latest, copy_retrieved, sft]
-variants: [{{name: RAG-k1, method: rag}}]
-only: {only}
-train_examples: 2
-eval_examples: 2
-bertscore: false
-model: {{generator: {gen_dir}, reasoner: none}}
-data: {{k: 1, profile_tokens: 32, query_tokens: 16, target_tokens: 8}}
-train: {{batch_size: 2, grad_accum: 1, max_steps: 1, progress: false}}
-decode: {{max_new_tokens: 2, batch_size: 2}}
-ablation: {{lams: [0.2], reasoner_layers: []}}
-""")
-    return str(cfg)
+def _config(tmp_path, gen_dir, only: list[str]) -> str:
+    return study_yaml(tmp_path / "study.yaml", tmp_path / "data", tmp_path / "out", gen_dir, only=only,
+                      methods=["copy_latest", "copy_retrieved", "sft"], variants=[{"name": "RAG-k1", "method": "rag"}],
+                      ablation={"lams": [0.2], "reasoner_layers": []})
 
 
 def test_only_runs_the_named_rows_and_reports_the_finished_ones(tmp_path, tokenizer, capsys):
@@ -40,7 +26,7 @@ def test_only_runs_the_named_rows_and_reports_the_finished_ones(tmp_path, tokeni
     def reported() -> set:
         return set(json.loads((out / "summary.json").read_text())["splits"]["user"]["metrics"])
 
-    assert main(["study", "--config", _config(tmp_path, gen_dir, "[Copy-latest, SFT]")]) == 0
+    assert main(["study", "--config", _config(tmp_path, gen_dir, ["Copy-latest", "SFT"])]) == 0
     log = capsys.readouterr().out
     assert reported() == {"Copy-latest", "SFT"}
     assert "[Copy-retrieved] not in `only`" in log and "[RAG-k1] not in `only`" in log
@@ -50,7 +36,7 @@ def test_only_runs_the_named_rows_and_reports_the_finished_ones(tmp_path, tokeni
     stamp = sft_model.stat().st_mtime_ns
 
     # the next row alone: the finished ones are reported beside it (SFT reused, not retrained: the CIs' baseline)
-    assert main(["study", "--config", _config(tmp_path, gen_dir, "[RAG-k1]")]) == 0
+    assert main(["study", "--config", _config(tmp_path, gen_dir, ["RAG-k1"])]) == 0
     log = capsys.readouterr().out
     assert reported() == {"Copy-latest", "SFT", "RAG-k1"}
     assert "[SFT] reusing trained model" in log and "[SFT] training" not in log
@@ -62,7 +48,7 @@ def test_only_runs_the_named_rows_and_reports_the_finished_ones(tmp_path, tokeni
 
 def test_only_names_an_unknown_row_in_one_line(tmp_path, capsys):
     (tmp_path / "data" / "user").mkdir(parents=True)
-    assert main(["study", "--config", _config(tmp_path, "default", "[SFT, Cocnut]")]) != 0
+    assert main(["study", "--config", _config(tmp_path, "default", ["SFT", "Cocnut"])]) != 0
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["flythinker: error: only: no row named Cocnut; the rows are Copy-latest, "
                                         "Copy-retrieved, SFT, RAG-k1"]

@@ -13,26 +13,21 @@ pytestmark = pytest.mark.integration
 
 def test_study_runs_end_to_end(tmp_path, tokenizer, capsys):
     from flythinker.experiments.synthetic import write_demo_dataset
-    from flythinker.testing import tiny_lm
+    from flythinker.testing import study_yaml, tiny_lm
 
     gen_dir = tmp_path / "gen"
     tiny_lm("llama", seed=1, num_layers=2, max_positions=2048).save_pretrained(gen_dir)
     tokenizer.save_pretrained(gen_dir)
     write_demo_dataset(tmp_path / "data", seed=1, n_users_train=4, n_users_test=3, items_per_user=6)
     cfg = tmp_path / "study.yaml"
-    cfg.write_text(f"""
-data_root: {tmp_path / 'data'}
-out: {tmp_path / 'out'}
-train_examples: 4
-eval_examples: 3
-bertscore: false
-model: {{generator: {gen_dir}, reasoner: "1"}}
-data: {{k: 1, profile_tokens: 48, query_tokens: 32, target_tokens: 32}}
-train: {{batch_size: 2, grad_accum: 1, progress: false, lr_generator: 1.0e-3, lr_reasoner: 1.0e-3}}
-decode: {{max_new_tokens: 6, batch_size: 4}}
-ablation: {{lams: [2.0], reasoner_layers: [2], normalize: [center], scopes: [output], lr_reasoners: [0.0],
-           train_examples: 2, eval_examples: 2, max_new_tokens: 4}}
-""")
+    study_yaml(cfg, tmp_path / "data", tmp_path / "out", gen_dir, splits=["user", "temporal"],
+               methods=["nonpersonalized", "rag", "sft", "flythinker"], train_examples=4, eval_examples=3,
+               model={"generator": str(gen_dir), "reasoner": "1"},
+               data={"k": 1, "profile_tokens": 48, "query_tokens": 32, "target_tokens": 32},
+               train={"batch_size": 2, "grad_accum": 1, "progress": False, "lr_generator": 1e-3, "lr_reasoner": 1e-3},
+               decode={"max_new_tokens": 6, "batch_size": 4},
+               ablation={"lams": [2.0], "reasoner_layers": [2], "normalize": ["center"], "scopes": ["output"],
+                         "lr_reasoners": [0.0], "train_examples": 2, "eval_examples": 2, "max_new_tokens": 4})
     assert main(["study", "--config", str(cfg), "--train.progress", "false"]) == 0
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())

@@ -29,7 +29,7 @@ from ..safeio import atomic_write_text
 from ..training.config import TrainArgs
 from ..utils import UserError, dtype_name, resolve_dtype
 
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "train", "decode")
 
 
 @dataclass
@@ -41,7 +41,12 @@ class MethodSpec:
     method: str = "flythinker"
     """A registered method (flythinker.methods.METHODS)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Dotted settings over the experiment's, e.g. {"model.fusion.lam": 0.2, "train.lr_reasoner": 1e-5}."""
+    """Dotted settings over the experiment's, e.g. {"model.fusion.lam": 0.2, "train.lr_reasoner": 1e-5,
+    "decode.copy_bonus": 2}."""
+    model_from: str = ""
+    """The display name of another row whose trained model this row decodes, instead of training its own (same
+    method and model / data / train settings as that row; the study resolves them): a decoding lever is measured
+    on the very model it is compared with, without retraining it."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +55,8 @@ class MethodSpec:
         if bad:
             raise ConfigError(f"{self.name}: override key(s) {', '.join(bad)} must start with one of "
                               f"{', '.join(s + '.' for s in SECTIONS)}")
+        if self.model_from and not self.trained:
+            raise ConfigError(f"{self.name}: model_from needs a trained method; {self.method} trains nothing")
 
     @property
     def impl(self) -> Method:
@@ -75,6 +82,13 @@ class MethodSpec:
     def train_args(self, base: TrainArgs) -> TrainArgs:
         return apply_overrides(base, self.section("train"), where=f"{self.name} train")
 
+    def decode_config(self, base: DecodeConfig) -> DecodeConfig:
+        return apply_overrides(base, self.section("decode"), where=f"{self.name} decode")
+
+    def trained_dir(self, out_dir: str | Path) -> Path:
+        """Where this row's trained model is saved (final/ of its own folder, or of its model_from row's)."""
+        return Path(out_dir) / row_folder_name(self.model_from or self.name) / "train" / "final"
+
 
 @dataclass
 class MethodResult:
@@ -99,10 +113,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     """Train (if the method is trained), then generate predictions for `eval_examples` into
     `out_dir/<name>/predictions.jsonl`, measuring training s/step (decode ms/token: `remeasure_decode`, all
     methods together). reasoner_device: where a Reasoner decodes (e.g. cuda:1; "" = the Generator's device)."""
-    from ..inference import Predictor, checkpoint_fingerprint, data_fingerprint, decode_fingerprint
-    from ..safeio import fingerprint
     from ..models import load_tokenizer
-    from ..predictions import generate_predictions
     from ..training.loop import fit
     from .timing import median_step_seconds
 
@@ -113,8 +124,12 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
     if spec.model_free:
         return _run_model_free(spec, eval_examples, data_cfg, result, progress, log)
     margs = spec.model_args(model_args)
+    decode = spec.decode_config(decode)
     timing_file = folder / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    if spec.model_from:
+        return _run_shared_model(spec, eval_examples, margs, data_cfg, decode, Path(out_dir), result, timing,
+                                 progress, log, reasoner_device)
 
     targs = dataclasses.replace(spec.train_args(train), out_dir=str(folder / "train"), progress=progress)
     final = Path(targs.out_dir) / "final"
@@ -146,12 +161,52 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
         result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
         result.train_steps = timing.get("train_steps", 0)
         result.train_losses = timing.get("train_losses", [])
+    return _decode_row(spec, model, tok, final, eval_examples, margs, data_cfg, decode, result, timing, progress,
+                       log, reasoner_device)
+
+
+def _run_shared_model(spec: MethodSpec, eval_examples: Sequence[Example], margs: ModelArgs, data_cfg: DataConfig,
+                      decode: DecodeConfig, out_dir: Path, result: MethodResult, timing: dict[str, Any],
+                      progress: bool, log, reasoner_device: str) -> MethodResult:
+    """`run_method` for a row with `model_from`: decode the named row's saved model with this row's decoding. The
+    training figures are that row's (it is one training), copied from its timing.json."""
+    from ..models import load_tokenizer
+
+    final = spec.trained_dir(out_dir)
+    if not (final / "flythinker.json").is_file():
+        raise UserError(f"row {spec.name!r} decodes the trained model of row {spec.model_from!r}, and {final} holds "
+                        f"none yet; run {spec.model_from!r} first (e.g. name both in --only)")
+    source = final.parent.parent / "timing.json"
+    shared = json.loads(source.read_text()) if source.is_file() else {}
+    for k in ("train_s_per_step", "train_step_seconds_median", "train_steps", "train_losses"):
+        if k in shared:
+            timing[k] = shared[k]
+    timing["model_from"] = spec.model_from
+    result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
+    result.train_steps = timing.get("train_steps", 0)
+    result.train_losses = timing.get("train_losses", [])
+    result.extra["model_from"] = spec.model_from
+    log(f"[{spec.name}] decoding the trained model of {spec.model_from} ({final})")
+    model = spec.impl.load(final)
+    tok = model.tokenizer = load_tokenizer(margs.generator)
+    return _decode_row(spec, model, tok, final, eval_examples, margs, data_cfg, decode, result, timing, progress,
+                       log, reasoner_device)
+
+
+def _decode_row(spec: MethodSpec, model: Any, tok: Any, final: Path, eval_examples: Sequence[Example],
+                margs: ModelArgs, data_cfg: DataConfig, decode: DecodeConfig, result: MethodResult,
+                timing: dict[str, Any], progress: bool, log, reasoner_device: str) -> MethodResult:
+    """Generate a row's predictions (resumable, fingerprinted) and record its decode dtype and wall time."""
+    from ..inference import (Predictor, checkpoint_fingerprint, data_fingerprint, decode_fingerprint,
+                             recorded_decode_dtype)
+    from ..predictions import generate_predictions
+    from ..safeio import fingerprint
+
+    timing_file = result.predictions.parent / "timing.json"
     # Decode in the faster weights dtype at this batch size (on a CPU with native bf16 measured once and cached,
     # elsewhere the fixed rule: `decoding.dtype_choice`); training kept fp32 master weights. A predictions file
     # already begun keeps the dtype it was begun in, so a resumed study never mixes fp32 and bf16 predictions in one
     # file (the dtype is in the fingerprint) even when a fresh measurement would now choose the other.
-    from ..inference import recorded_decode_dtype
-
     model.eval()
     decode_dtype = recorded_decode_dtype(result.predictions, decode)
     if decode_dtype is None:
@@ -247,7 +302,7 @@ def remeasure_decode(results: Sequence[MethodResult], specs: Sequence[MethodSpec
     if not all(r.name in saved.get("ms_per_token", {}) for r in results):
         configs, prompts = [], []
         for spec, res in pairs:
-            model = (spec.impl.load(res.predictions.parent / "train" / "final") if spec.trained
+            model = (spec.impl.load(spec.trained_dir(out_dir)) if spec.trained
                      else load_method_model(spec, model_args)[0])
             ids = encode_example(example, tokenizer, spec.data_config(data), with_response=False)["prompt_ids"]
             model = model.to(_row_decode_dtype(res, model)).eval()

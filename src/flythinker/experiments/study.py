@@ -45,14 +45,36 @@ class Variant:
     name: str
     """Display name (table row and folder name); must differ from the other rows' names."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Dotted settings over the study's model / data / train sections, e.g. {model.fusion.normalize: standardize}."""
-    method: str = "flythinker"
-    """The registered method the row runs."""
+    """Dotted settings over the study's model / data / train / decode sections, e.g.
+    {model.fusion.normalize: standardize} or {decode.copy_bonus: 2}."""
+    method: str = ""
+    """The registered method the row runs (empty: flythinker, or the model_from row's method)."""
+    model_from: str = ""
+    """A row listed before this one (a method's display name or a variant's name) whose trained model this row
+    decodes instead of training its own: the row takes that row's method and settings, and its own overrides may
+    only be decode.* ones. {name: SFT+copy, model_from: SFT, overrides: {decode.copy_bonus: 2}} measures a decoding
+    lever on the very SFT model it is compared with, at the cost of one more decode and no training."""
 
-    def spec(self):
+    def spec(self, source=None):
+        """This row's MethodSpec; `source` is the MethodSpec of its model_from row (required when it has one)."""
         from .runner import MethodSpec
 
-        return MethodSpec(self.name, self.method, dict(self.overrides))
+        if not self.model_from:
+            return MethodSpec(self.name, self.method or "flythinker", dict(self.overrides))
+        own = [k for k in self.overrides if not k.startswith("decode.")]
+        if own:
+            raise UserError(f"variants: {self.name} decodes the model of {self.model_from} (model_from), so only "
+                            f"decode.* overrides can be its own; got {', '.join(own)}")
+        if source is None:
+            raise UserError(f"variants: {self.name}: model_from {self.model_from!r} is not a row listed before it")
+        if self.method and self.method != source.method:
+            raise UserError(f"variants: {self.name} runs {self.method} but decodes the model of {self.model_from}, "
+                            f"a {source.method} row; drop its method (it is taken from {self.model_from})")
+        if not source.trained or source.model_from:
+            raise UserError(f"variants: {self.name}: model_from {self.model_from!r} must be a row that trains its "
+                            f"own model")
+        inherited = {k: v for k, v in source.overrides.items() if not k.startswith("decode.")}
+        return MethodSpec(self.name, source.method, {**inherited, **self.overrides}, model_from=self.model_from)
 
 
 @dataclass
@@ -171,9 +193,13 @@ class StudyConfig:
             from ..decoding.concurrency import check_device
 
             check_device(self.reasoner_device, "reasoner_device")  # a ConfigError: one line, before any model loads
-        for v in self.variants + self.ablation.points:
-            spec = v.spec()  # checks the method and every override key now, not hours into the run
+        for v in self.ablation.points:
+            if v.model_from:
+                raise UserError(f"ablation.points: {v.name}: model_from is for rows of the main comparison")
+        for spec in self.rows() + [v.spec() for v in self.ablation.points]:
+            # checks the method and every override key now, not hours into the run
             spec.model_args(self.model), spec.data_config(self.data), spec.train_args(self.train)
+            spec.decode_config(self.decode)
         points = [p.name for _, _, p in self.ablation.all_points(self.data)]  # the axes' budgets are checked here
         dup = sorted({n for n in points if points.count(n) > 1})
         if dup:  # a point's results folder is keyed by its name: two points of one name would share it
@@ -188,9 +214,14 @@ class StudyConfig:
             raise UserError(f"only: no row named {', '.join(unknown)}; the rows are {', '.join(names)}")
 
     def rows(self):
+        """The main comparison's MethodSpecs in run order: the methods, then the variants (a model_from variant
+        resolved against the row it names, which must come before it)."""
         from .runner import MethodSpec
 
-        return [MethodSpec(METHODS[m].display, m) for m in self.methods] + [v.spec() for v in self.variants]
+        specs = [MethodSpec(METHODS[m].display, m) for m in self.methods]
+        for v in self.variants:
+            specs.append(v.spec(next((s for s in specs if s.name == v.model_from), None) if v.model_from else None))
+        return specs
 
 
 def _finished(spec: MethodSpec, split_dir: Path, ids: Sequence[str]) -> bool:
@@ -205,7 +236,7 @@ def _finished(spec: MethodSpec, split_dir: Path, ids: Sequence[str]) -> bool:
     if not preds.is_file():
         return False
     done = set(scan_predictions(preds, method=spec.name).ids)
-    return done.issuperset(ids) and (not spec.trained or (folder / "train" / "final" / "flythinker.json").is_file())
+    return done.issuperset(ids) and (not spec.trained or (spec.trained_dir(split_dir) / "flythinker.json").is_file())
 
 
 def _split_files(root: Path, split: str) -> tuple[Path, Path]:
@@ -408,7 +439,7 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
             nlls["init_dev_nll"] = validate(init_model, dev_feats, tok.pad_token_id)
             del init_model
             # dev NLL of the trained model (reload final/ so the number is the saved model's)
-            model = spec.impl.load(res.predictions.parent / "train" / "final")
+            model = spec.impl.load(spec.trained_dir(out))
             nlls["dev_nll"] = validate(model, dev_feats, tok.pad_token_id)
             del model
             atomic_write_text(nll_file, json.dumps(nlls, indent=2))
@@ -433,7 +464,8 @@ def _setting_key(spec: MethodSpec, cfg: StudyConfig) -> str:
     settings (names differ; two points with one key are one run). A "default" Reasoner and its layer count spelled
     out resolve differently here, so configs that want the two to meet name the depth (`model.reasoner: "8"`)."""
     settings = {"method": spec.method, "model": to_dict(spec.model_args(cfg.model)),
-                "data": to_dict(spec.data_config(cfg.data)), "train": to_dict(spec.train_args(cfg.train))}
+                "data": to_dict(spec.data_config(cfg.data)), "train": to_dict(spec.train_args(cfg.train)),
+                "decode": to_dict(spec.decode_config(cfg.decode))}
     return json.dumps(settings, sort_keys=True, default=str)
 
 
