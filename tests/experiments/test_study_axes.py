@@ -54,8 +54,8 @@ def test_history_k_is_a_flythinker_and_an_sft_point_per_k_with_a_budget_growing_
         budget = round(k * cfg.data.profile_tokens / cfg.data.k)  # the study's 125 tokens per item, times k
         ft_axis, ft_value, ft = by_name[f"k={k}"]
         sft_axis, sft_value, sft = by_name[f"SFT k={k}"]
-        assert (ft_axis, ft_value, ft.method) == ("history_k", k, "flythinker")
-        assert (sft_axis, sft_value, sft.method) == ("history_k_sft", k, "sft")
+        assert (ft_axis, ft_value, ft.spec().method) == ("history_k", k, "flythinker")
+        assert (sft_axis, sft_value, sft.spec().method) == ("history_k_sft", k, "sft")
         for point in (ft, sft):  # both see the same prompts: same k, same budget
             data = point.spec().data_config(cfg.data)
             assert data.k == k and data.profile_tokens == budget
