@@ -158,9 +158,7 @@ def run_method(spec: MethodSpec, train_examples: Sequence[Example], eval_example
         # The median optimizer-step time (from the loss log; step 1 and checkpoint writes excluded) is the figure
         # compared across methods: every trained row sees the same windows in the same order, and a median is not
         # moved by a burst of load from another process. The wall-clock mean stays in timing.json.
-        result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
-        result.train_steps = timing.get("train_steps", 0)
-        result.train_losses = timing.get("train_losses", [])
+        _record_training(result, timing)
     return _decode_row(spec, model, tok, final, eval_examples, margs, data_cfg, decode, result, timing, progress,
                        log, reasoner_device)
 
@@ -182,15 +180,20 @@ def _run_shared_model(spec: MethodSpec, eval_examples: Sequence[Example], margs:
         if k in shared:
             timing[k] = shared[k]
     timing["model_from"] = spec.model_from
-    result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
-    result.train_steps = timing.get("train_steps", 0)
-    result.train_losses = timing.get("train_losses", [])
+    _record_training(result, timing)
     result.extra["model_from"] = spec.model_from
     log(f"[{spec.name}] decoding the trained model of {spec.model_from} ({final})")
     model = spec.impl.load(final)
     tok = model.tokenizer = load_tokenizer(margs.generator)
     return _decode_row(spec, model, tok, final, eval_examples, margs, data_cfg, decode, result, timing, progress,
                        log, reasoner_device)
+
+
+def _record_training(result: MethodResult, timing: dict[str, Any]) -> None:
+    """A row's training figures from its timing record: the median optimizer-step time where the log gave one."""
+    result.train_s_per_step = timing.get("train_step_seconds_median", timing.get("train_s_per_step"))
+    result.train_steps = timing.get("train_steps", 0)
+    result.train_losses = timing.get("train_losses", [])
 
 
 def _decode_row(spec: MethodSpec, model: Any, tok: Any, final: Path, eval_examples: Sequence[Example],
