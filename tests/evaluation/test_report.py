@@ -1,6 +1,7 @@
 """Position-sensitive segments, prediction-file reading, and the `flythinker evaluate` verb end to end."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,29 @@ def test_cli_config_binary_is_one_line(tmp_path, capsys):
     rc = main(["evaluate", str(a), "--out", str(tmp_path / "out"), "--config", str(cfg)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "eval.yaml: --config file is binary" in err
+
+
+def test_bleu_length_terms_by_hand():
+    assert M.bleu_length([2, 4, 0, 0, 0, 0, 0, 0, 0, 0]) == pytest.approx({"ratio": 0.5, "bp": pytest.approx(
+        math.exp(-1.0))})
+    assert M.bleu_length([6, 4] + [0] * 8) == {"ratio": 1.5, "bp": 1.0}
+    assert M.bleu_length([0, 4] + [0] * 8)["bp"] == 0.0
+
+
+def test_report_gives_bleu_length_ratio_and_brevity_penalty(tmp_path):
+    # one-word references and predictions of 1 vs 2 words: 13a tokenises them as written
+    refs = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
+    short = _write(tmp_path / "short.jsonl", _rows(["alpha", "gamma", "epsilon", "eta"], refs))
+    full = _write(tmp_path / "full.jsonl", _rows(refs, refs))
+    rep = run_evaluation([full, short], tmp_path / "out", _cfg(metrics=("bleu",)))
+    assert rep.methods["full"]["bleu_length"] == {"ratio": 1.0, "bp": 1.0}
+    assert rep.methods["short"]["bleu_length"]["ratio"] == 0.5
+    assert rep.methods["short"]["bleu_length"]["bp"] == pytest.approx(math.exp(-1.0))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "BLEU len ratio" in md and "| 0.500 | 0.368 |" in md
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["methods"]["short"]["bleu_length"]["ratio"] == 0.5
+    # without BLEU there is nothing to say about its length terms
+    rep2 = run_evaluation([full, short], tmp_path / "out2", _cfg(metrics=("rouge1",)))
+    assert "bleu_length" not in rep2.methods["short"]
+    assert "BLEU len ratio" not in (tmp_path / "out2" / "report.md").read_text()

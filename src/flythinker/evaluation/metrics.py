@@ -179,6 +179,20 @@ def bleu_from_stats(stats: Sequence[int] | np.ndarray) -> float:
                                    effective_order=bleu.effective_order, max_ngram_order=order).score)
 
 
+def bleu_length(stats: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """BLEU's length terms from summed statistics: {"ratio": system / reference tokens, "bp": brevity penalty}.
+
+    The penalty, exp(1 - ref/sys) when the system side is shorter (1 otherwise), multiplies the whole corpus BLEU,
+    so a method whose outputs are short loses BLEU whatever its n-gram precision; this says how much."""
+    sys_len, ref_len = int(stats[0]), int(stats[1])
+    ratio = sys_len / ref_len if ref_len else float("nan")
+    if sys_len == 0:
+        bp = 0.0
+    else:
+        bp = 1.0 if sys_len >= ref_len else math.exp(1.0 - ref_len / sys_len)
+    return {"ratio": ratio, "bp": bp}
+
+
 def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     """`sacrebleu.corpus_bleu(preds, [refs]).score` (kept for symmetry; `score` uses the statistics path)."""
     import sacrebleu

@@ -49,7 +49,8 @@ from ..safeio import (
 )
 from ..utils import UserError
 from .bootstrap import paired_bootstrap
-from .metrics import DEFAULT_METRICS, METRIC_LABELS, Scores, check_metrics, prepare_pairs, score_examples
+from .metrics import (DEFAULT_METRICS, METRIC_LABELS, Scores, bleu_length, check_metrics, prepare_pairs,
+                      score_examples)
 from .segments import DEFAULT_BOUNDARIES, DEFAULT_SEGMENT_METRICS, parse_boundaries, plot_segments, segment_scores
 
 
@@ -374,6 +375,9 @@ def run_evaluation(paths: Sequence[str | Path], out_dir: str | Path, cfg: EvalCo
         scores[s.method] = sc
         methods[s.method] = {"file": str(s.path), "n": sc.n, "dropped": sc.dropped, "empty": sc.empty,
                              "metrics": {k: _num(v) for k, v in sc.values.items()}}
+        if sc.bleu_stats is not None and len(sc.bleu_stats):
+            # output/reference length and BLEU's brevity penalty: short outputs lose BLEU at any precision
+            methods[s.method]["bleu_length"] = {k: _num(v) for k, v in bleu_length(sc.bleu_stats.sum(0)).items()}
         info.update({k: v for k, v in sc.info.items() if k not in ("mode", "seed")})
         if s.method in judged:  # judged on the same pairs, in the same order, as scored
             res = judged[s.method]
@@ -572,13 +576,20 @@ def render_markdown(report: EvalReport) -> str:
                      f"{used} of (method − {impr['reference']}) / {impr['reference']}, in %.")
     count = "dropped" if longlamp else "empty"
     impr_col = [f"Impr. vs {impr['reference']}"] if impr else []
+    len_cols = ["BLEU len ratio", "BLEU BP"] if any("bleu_length" in m for m in report.methods.values()) else []
+    if len_cols:
+        lines.append("- BLEU len ratio: output / reference tokens over the corpus (sacrebleu 13a); BLEU BP: its "
+                     "brevity penalty, exp(1 − 1/ratio) below 1, which multiplies BLEU.")
     lines += ["", "## Scores", "", f"| method | n | {count} | " + " | ".join(
-        [METRIC_LABELS.get(c, c) for c in cols] + impr_col) + " |", "|---|---:|---:|" + "---:|" * (len(cols)
-                                                                                             + len(impr_col))]
+        [METRIC_LABELS.get(c, c) for c in cols] + impr_col + len_cols) + " |",
+              "|---|---:|---:|" + "---:|" * (len(cols) + len(impr_col) + len(len_cols))]
     for name, m in report.methods.items():
         cells = [_fmt(m["metrics"].get(c)) for c in cols]
         if impr:
             cells.append(_pct(m.get("impr_over_nonpers")))
+        if len_cols:
+            bl = m.get("bleu_length") or {}
+            cells += [_fmt(bl.get("ratio"), 3), _fmt(bl.get("bp"), 3)]
         lines.append(f"| {name} | {m['n']} | {m.get(count, 0)} | " + " | ".join(cells) + " |")
     comps = report.comparisons
     if comps["vs_baseline"]:
