@@ -96,3 +96,17 @@ def test_a_setting_added_later_at_its_default_does_not_invalidate_a_finished_run
     assert identity_difference(saved, now, defaults=defaults) == ['model.fusion.gate (unset) -> "scalar"']
     now["config"]["model"]["fusion"].update(gate="none", lam=0.2)
     assert identity_difference(saved, now, defaults=defaults) == ["model.fusion.lam 0.5 -> 0.2"]
+
+
+def test_summary_gives_bleu_length_terms_when_the_report_has_them():
+    from flythinker.experiments.study import render_summary
+
+    rows = {"SFT": {"metrics": {"bleu": 2.5}, "bleu_length": {"ratio": 0.693, "bp": 0.642}},
+            "Copy-latest": {"metrics": {"bleu": 4.8}, "bleu_length": {"ratio": 1.007, "bp": 1.0}}}
+    split = {"train_examples": 2, "eval_examples": 1, "metrics": rows, "comparisons": {}, "efficiency": [],
+             "files": {}}
+    md = render_summary({"splits": {"user": split}}, ["bleu"])
+    assert "| method | bleu | BLEU len ratio | BLEU BP |" in md
+    assert "| SFT | 2.5000 | 0.693 | 0.642 |" in md and "| Copy-latest | 4.8000 | 1.007 | 1.000 |" in md
+    split["metrics"] = {"SFT": {"metrics": {"bleu": 2.5}}}  # no BLEU length terms: no columns
+    assert "BLEU BP" not in render_summary({"splits": {"user": split}}, ["bleu"])

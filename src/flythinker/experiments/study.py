@@ -488,12 +488,18 @@ def render_summary(summary: dict, metrics) -> str:
     for split, s in summary.get("splits", {}).items():
         # Table 12's "Impr.": mean relative gain over Non-personalized across the metrics, when that row is present
         impr = any(m.get("impr_over_nonpers") is not None for m in s["metrics"].values())
+        # BLEU's length terms (evaluate's bleu_length): short outputs lose BLEU through the brevity penalty alone
+        blen = any("bleu_length" in m for m in s["metrics"].values())
         lines += [f"## {split} split ({s['train_examples']} train / {s['eval_examples']} dev examples)", "",
-                  "| method | " + " | ".join(metrics) + (" | Impr. vs Non-pers |" if impr else " |"),
-                  "|---|" + "---|" * (len(metrics) + impr)]
+                  "| method | " + " | ".join(metrics) + (" | Impr. vs Non-pers" if impr else "")
+                  + (" | BLEU len ratio | BLEU BP" if blen else "") + " |",
+                  "|---|" + "---|" * (len(metrics) + impr + 2 * blen)]
         for name, m in s["metrics"].items():
             gain = m.get("impr_over_nonpers")
             cell = (" | " + ("-" if gain is None else f"{gain:+.2f}%")) if impr else ""
+            if blen:
+                bl = m.get("bleu_length") or {}
+                cell += f" | {f(bl.get('ratio'), 3)} | {f(bl.get('bp'), 3)}"
             lines.append(f"| {name} | " + " | ".join(f(m["metrics"].get(k)) for k in metrics) + cell + " |")
         lines += ["", "Paired bootstrap 95% CI of each method minus the baseline:", "",
                   "| comparison | metric | diff | 95% CI |", "|---|---|---|---|"]
