@@ -505,7 +505,7 @@ def test_bleu_length_terms_by_hand():
 
 
 def test_report_gives_bleu_length_ratio_and_brevity_penalty(tmp_path):
-    # one-word references and predictions of 1 vs 2 words: 13a tokenises them as written
+    # two-word references, one-word predictions: 13a tokenises them as written
     refs = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
     short = _write(tmp_path / "short.jsonl", _rows(["alpha", "gamma", "epsilon", "eta"], refs))
     full = _write(tmp_path / "full.jsonl", _rows(refs, refs))

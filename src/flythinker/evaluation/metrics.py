@@ -167,30 +167,29 @@ def bleu_stats(preds: Sequence[str], refs: Sequence[str]) -> np.ndarray:
     return out
 
 
-def bleu_from_stats(stats: Sequence[int] | np.ndarray) -> float:
-    """Corpus BLEU (0-100) from summed statistics, with the same settings as `sacrebleu.corpus_bleu`."""
+def _bleu_score(stats: Sequence[int] | np.ndarray) -> Any:
+    """sacrebleu's `BLEUScore` for summed statistics, with the same settings as `sacrebleu.corpus_bleu`."""
     from sacrebleu.metrics import BLEU
 
     bleu = _bleu()
     order = bleu.max_ngram_order
     s = [int(x) for x in stats]
-    return float(BLEU.compute_bleu(correct=s[2:2 + order], total=s[2 + order:], sys_len=s[0], ref_len=s[1],
-                                   smooth_method=bleu.smooth_method, smooth_value=bleu.smooth_value,
-                                   effective_order=bleu.effective_order, max_ngram_order=order).score)
+    return BLEU.compute_bleu(correct=s[2:2 + order], total=s[2 + order:], sys_len=s[0], ref_len=s[1],
+                             smooth_method=bleu.smooth_method, smooth_value=bleu.smooth_value,
+                             effective_order=bleu.effective_order, max_ngram_order=order)
+
+
+def bleu_from_stats(stats: Sequence[int] | np.ndarray) -> float:
+    """Corpus BLEU (0-100) from summed statistics, with the same settings as `sacrebleu.corpus_bleu`."""
+    return float(_bleu_score(stats).score)
 
 
 def bleu_length(stats: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """BLEU's length terms from summed statistics: {"ratio": system / reference tokens, "bp": brevity penalty}.
-
-    The penalty, exp(1 - ref/sys) when the system side is shorter (1 otherwise), multiplies the whole corpus BLEU,
-    so a method whose outputs are short loses BLEU whatever its n-gram precision; this says how much."""
-    sys_len, ref_len = int(stats[0]), int(stats[1])
-    ratio = sys_len / ref_len if ref_len else float("nan")
-    if sys_len == 0:
-        bp = 0.0
-    else:
-        bp = 1.0 if sys_len >= ref_len else math.exp(1.0 - ref_len / sys_len)
-    return {"ratio": ratio, "bp": bp}
+    """BLEU's length terms from summed statistics: {"ratio": system / reference tokens (NaN without reference
+    tokens), "bp": sacrebleu's brevity penalty}. The penalty multiplies the whole corpus BLEU, so a method whose
+    outputs are short loses BLEU whatever its n-gram precision; this says how much."""
+    sc = _bleu_score(stats)
+    return {"ratio": sc.sys_len / sc.ref_len if sc.ref_len else float("nan"), "bp": float(sc.bp)}
 
 
 def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
