@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -194,8 +195,18 @@ def judge(cfg: JudgeConfig, predictions: Sequence[str], references: Sequence[str
     send = [k for k, p in enumerate(predictions) if (p or "").strip()]
     prompts = [build_prompt(instructions[k], references[k], predictions[k]) for k in send]
 
+    # Set by the first request that fails for good. Cancelling futures from the main thread alone is a race: a
+    # worker that finished a failing request can start the next queued one before the main thread sees the error.
+    failed = threading.Event()
+
     def one(prompt: str) -> float:
-        s = parse_score(chat_completion(cfg, prompt))
+        if failed.is_set():
+            return math.nan  # never read: the run is already ending with the first failure's error
+        try:
+            s = parse_score(chat_completion(cfg, prompt))
+        except BaseException:
+            failed.set()
+            raise
         return float(s) if s is not None else math.nan
 
     raw = [EMPTY_PREDICTION_SCORE] * len(predictions)
