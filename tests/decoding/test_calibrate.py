@@ -97,10 +97,10 @@ def test_auto_runs_the_candidate_the_timer_finds_faster(fly, two_threads, cache,
         s.close()
     # every candidate timed the same number of steps (each block's first step is the untimed switch-over)
     per = calibrate.ROUNDS * (calibrate.BLOCK - 1)
-    assert sorted(t.calls) == sorted(["sequential"] * per + ["threads 1+1"] * per)
+    assert sorted(t.calls) == sorted(["sequential"] * per + ["threads 1+1"] * per + ["process 1+1"] * per)
     assert torch.get_num_threads() == 2  # the probe's "threads" candidate handed the caller's thread back
     (entry,) = _entries(cache).values()
-    assert entry["choice"] == fast and set(entry["ms"]) == {"sequential", "threads 1+1"}
+    assert entry["choice"] == fast and set(entry["ms"]) == {"sequential", "threads 1+1", "process 1+1"}
     assert entry["key"]["batch"] == 2 and entry["key"]["machine"]["threads"] == 2
     assert entry["key"]["machine"]["torch"] == torch.__version__
 
@@ -216,13 +216,17 @@ def test_an_unwritable_cache_still_decodes(fly, two_threads, monkeypatch, tmp_pa
 
 def test_candidates():
     assert calibrate.candidates((3, 1), 1) == [calibrate.Candidate("sequential")]
-    assert [c.label for c in calibrate.candidates((3, 1), 2)] == ["sequential", "threads 1+1"]
+    assert [c.label for c in calibrate.candidates((3, 1), 2)] == ["sequential", "threads 1+1", "process 1+1"]
+    assert [c.label for c in calibrate.candidates((3, 1), 2, remote=False)] == ["sequential", "threads 1+1"]
     many = calibrate.candidates((7, 1), 8)
+    assert many[-1] == calibrate.Candidate("process", concurrency.split_threads(7, 1, 8))
+    many = many[:-1]
     splits = [c.cpu_threads for c in many[1:]]
     assert many[0].backend == "sequential" and len(splits) == len(set(splits)) >= 2
     assert all(a + b == 8 and b >= 1 for a, b in splits)
     assert splits[0] == concurrency.split_threads(7, 1, 8)  # the cost-based split comes first
-    assert [c.label for c in calibrate.candidates((7, 1), 8, split=(5, 2))] == ["sequential", "threads 5+2"]
+    assert [c.label for c in calibrate.candidates((7, 1), 8, split=(5, 2))] == ["sequential", "threads 5+2",
+                                                                              "process 5+2"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ def test_bench_decode_tiny_prints_table_then_json(capsys, monkeypatch):
     assert any("per-device" in line for line in lines) and any("same-machine" in line for line in lines)
     result = json.loads(lines[-1])
     for key in ("sft_ms", "sequential_ms", "concurrent_ms", "ratio_concurrent_over_sft", "ratio_sequential_over_sft",
-                "ratio_best_over_sft_best", "flop_ratio", "sft_best_ms", "best_ms"):
+                "process_ms", "ratio_process_over_sft", "ratio_best_over_sft_best", "flop_ratio", "sft_best_ms",
+                "best_ms"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["batch"] == 1 and result["threads"] == 2 and result["device"] == "cpu"
     assert result["flop_ratio"] > 1 and result["auto_backend"] in ("sequential", "threads")
@@ -25,8 +26,23 @@ def test_bench_decode_tiny_prints_table_then_json(capsys, monkeypatch):
     assert isinstance(result["auto_ms"], float) and result["auto_ms"] > 0 and result["best_ms"] > 0
     assert {r["method"] for r in result["rows"] if r["threads"] == "auto"} == {"auto"}  # its own row, per batch
     for row in result["rows"]:
-        assert row["method"] in ("sft", "sequential", "concurrent", "auto")
+        assert row["method"] in ("sft", "sequential", "concurrent", "process", "auto")
         assert row["prefill_ms"] > 0 and row["decode_ms"] > 0 and row["tokens_per_s"] > 0
+    assert {r["backend"] for r in result["rows"] if r["method"] == "process"} == {"process"}
+
+
+def test_bench_decode_times_one_comparison_alone(capsys):
+    """--comparison per-device: only SFT, sequential, threads and process at the per-model core count (no auto)."""
+    rc = main(["bench", "decode", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "3", "--batch", "1",
+               "--runs", "2", "--threads", "2", "--comparison", "per-device"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["comparison"] == "per-device" and result["auto_backend"] is None
+    assert {r["comparison"] for r in result["rows"]} == {"per-device"}
+    assert sorted(r["method"] for r in result["rows"]) == ["concurrent", "process", "sequential", "sft"]
+    assert result["ratio_process_over_sft"] > 0 and result["best_ms"] is None
+    assert main(["bench", "decode", "--model", "tiny", "--comparison", "both-ish"]) == 2
+    assert "comparison" in capsys.readouterr().err
 
 
 def test_bench_decode_rejects_bad_flags(capsys):

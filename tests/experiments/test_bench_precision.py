@@ -76,7 +76,7 @@ def test_bench_decode_times_each_dtype(capsys):
         assert {"sft", "sequential"} <= methods
         assert all(r["decode_ms"] > 0 for r in res["rows"] if r["dtype"] == dt)
         assert res["by_dtype"][dt]["1"]["sft_ms"] > 0 and res["by_dtype"][dt]["1"]["sequential_ms"] > 0
-    assert {"sft", "sequential", "concurrent"} == set(res["bf16_over_fp32"])
+    assert {"sft", "sequential", "concurrent", "process"} == set(res["bf16_over_fp32"])
     assert res["bf16_over_fp32"]["sft"] > 0 and res["bf16_over_fp32"]["sequential"] > 0
     assert any(line.startswith("bfloat16") for line in out[:-1])
 

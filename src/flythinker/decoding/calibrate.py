@@ -1,12 +1,12 @@
 """Choosing a two-call decode's backend by measurement: what "auto" does on one CPU device with >= 2 threads.
 
 Owns the candidates (`candidates`: sequential with every thread, "threads" with the cost-based split and one or two
-other splits), the timing (`measure`: a few interleaved decode steps of each candidate on the actual models at the
-actual batch size; the step timer is injectable), the cache (`cache_path`: one JSON under the flythinker cache,
-keyed by machine, model pair, batch size and candidates, written atomically under a lock, re-measured after `TTL_S`)
-and the switch ($FLYTHINKER_DECODE_CALIBRATE=0: the fixed rule of `concurrency.resolve_backend`). The stepper that
-asks is the method's (`methods.flythinker.decode`); this module only sees a probe it is handed. Why CUDA and
-two-device placements keep the fixed rule: docs/decode_backends.md.
+other splits, "process" at the cost-based split where the decode allows it), the timing (`measure`: a few interleaved
+decode steps of each candidate on the actual models at the actual batch size; the step timer is injectable), the cache
+(`cache_path`: one JSON under the flythinker cache, keyed by machine, model pair, batch size and candidates, written
+atomically under a lock, re-measured after `TTL_S`) and the switch ($FLYTHINKER_DECODE_CALIBRATE=0: the fixed rule of
+`concurrency.resolve_backend`). The stepper that asks is the method's (`methods.flythinker.decode`); this module only
+sees a probe it is handed. Why CUDA and two-device placements keep the fixed rule: docs/decode_backends.md.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def cache_path() -> Path:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to run the two calls: "sequential" (every thread, one call after the other) or "threads" with
-    cpu_threads = (main, side) intra-op threads."""
+    """One way to run the two calls: "sequential" (every thread, one call after the other), or "threads" / "process"
+    with cpu_threads = (main, side) intra-op threads."""
 
     backend: str
     cpu_threads: tuple[int, int] | None = None
@@ -87,18 +87,23 @@ class Choice:
         return Candidate(self.backend, self.cpu_threads).label
 
 
-def candidates(costs: tuple[int, int], total: int, split: tuple[int, int] | None = None) -> list[Candidate]:
+def candidates(costs: tuple[int, int], total: int, split: tuple[int, int] | None = None,
+               remote: bool = True) -> list[Candidate]:
     """sequential, then "threads" with the cost-based split of `total` threads (`concurrency.split_threads` on the
-    two calls' multiply-adds `costs`), one thread for the side call, and an even split: distinct, each side >= 1.
-    `split` (the caller's own cpu_threads) replaces the three. With total < 2 only sequential remains."""
+    two calls' multiply-adds `costs`), one thread for the side call, and an even split: distinct, each side >= 1;
+    then, with `remote`, "process" (the side call in a worker process) at the cost-based split. `split` (the
+    caller's own cpu_threads) replaces the splits. With total < 2 only sequential remains."""
     out = [Candidate("sequential")]
     if total < 2:
         return out
-    for s in [split] if split is not None else [split_threads(*costs, total), (total - 1, 1),
-                                                 (total - total // 2, total // 2)]:
+    splits = [split] if split is not None else [split_threads(*costs, total), (total - 1, 1),
+                                                (total - total // 2, total // 2)]
+    for s in splits:
         c = Candidate("threads", (int(s[0]), int(s[1])))
         if c not in out and min(c.cpu_threads) >= 1:
             out.append(c)
+    if remote:
+        out.append(Candidate("process", (int(splits[0][0]), int(splits[0][1]))))
     return out
 
 

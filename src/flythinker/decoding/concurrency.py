@@ -1,13 +1,14 @@
 """Running two independent calls per decode step concurrently, for any method whose step makes two (FlyThinker:
 the Reasoner's step and the Generator's step).
 
-Owns: the backend choice by placement (`resolve_backend`: "sequential", "threads", "cuda_streams", "two_devices";
-"auto" on one CPU device is refined by measurement in `flythinker.decoding.calibrate`), the CPU thread split by cost
-(`split_threads`), per-thread intra-op counts (`pinned_threads`, `thread_budget`), the persistent worker thread, the
-four backends, and checking / applying a Reasoner placement (`check_device`, `place_reasoner`). Why "auto" chooses
-as it does, with the measurements: docs/decode_backends.md. Two threads that must share cores are far worse than
-either choice (an OpenMP team whose second thread waits for a busy core stalls every operator), which is why
-"threads" gives each call its own thread count.
+Owns: the backend choice by placement (`resolve_backend`: "sequential", "threads", "process", "cuda_streams",
+"two_devices"; "auto" on one CPU device is refined by measurement in `flythinker.decoding.calibrate`), the CPU thread
+split by cost (`split_threads`), per-thread intra-op counts (`pinned_threads`, `thread_budget`), the persistent worker
+thread, the five backends ("process" runs its side call in `flythinker.decoding.remote`'s worker process), and checking
+/ applying a Reasoner placement (`check_device`, `place_reasoner`). Why "auto" chooses as it does, with the
+measurements: docs/decode_backends.md. Two threads that must share cores are far worse than either choice (an OpenMP
+team whose second thread waits for a busy core stalls every operator), which is why "threads" gives each call its own
+thread count.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def resolve_backend(g_dev: torch.device, r_dev: torch.device, concurrent: bool |
     if concurrent == "two_devices" and not split:
         raise ValueError(f"concurrent='two_devices' needs the Reasoner on another device than the Generator "
                          f"(both are on {g_dev}); move it first, e.g. model.reasoner.to('cuda:1')")
-    if concurrent == "threads" and (g_dev.type != "cpu" or split):
-        raise ValueError(f"concurrent='threads' runs both models on CPU cores; the Generator is on {g_dev} and "
+    if concurrent in ("threads", "process") and (g_dev.type != "cpu" or split):
+        raise ValueError(f"concurrent={concurrent!r} runs both models on CPU cores; the Generator is on {g_dev} and "
                          f"the Reasoner on {r_dev}")
     return concurrent
 
@@ -171,6 +172,7 @@ class Sequential:
     returns (side result, main result), `close()` ends the decode."""
 
     name = "sequential"
+    remote = False  # the side call's state stays in this process (see `Processes`)
 
     def prefill_scope(self) -> contextlib.AbstractContextManager:
         return pinned_threads(thread_budget())  # the budget even while another decode holds this thread at less
@@ -228,6 +230,35 @@ class Threads(Sequential):
         if pinned is not None and pinned[0] == threading.get_ident():
             torch.set_num_threads(pinned[1])
             _PINNED.budget = pinned[2]
+
+
+class Processes(Threads):
+    """The side call in a worker process (`flythinker.decoding.remote`) with n_r intra-op threads, the main call on
+    the caller's thread with n_g, pinned as in `Threads`: no GIL is shared between the two calls. The prefill runs
+    here with every thread, as for "threads". Its stepper hands the side state over with `session.adopt` at the
+    first step, steps with `step_remote` and takes the cache back with `session.release` before another backend
+    steps the decode (`remote` tells a stepper to do so)."""
+
+    name = "process"
+    remote = True
+
+    def __init__(self, n_g: int, n_r: int):
+        from .remote import Session
+
+        self.n_g, self.n_r = n_g, n_r
+        self._pinned = None
+        self.session = Session()
+
+    def step(self, r_call, g_call):
+        raise RuntimeError("the process backend steps through step_remote: its stepper hands over the side state")
+
+    def step_remote(self, tokens: torch.Tensor, t: int, cols: int, unpadded: bool, g_call):
+        """(side states (B, 1, H) at step t, g_call's result): see `remote.Session.step`."""
+        return self.session.step(tokens, t, cols, unpadded, g_call, before_main=self._pin)
+
+    def close(self):
+        self.session.close()
+        super().close()
 
 
 class TwoDevices(Sequential):
@@ -299,6 +330,9 @@ def make_backend(name: str, g_dev: torch.device, r_dev: torch.device, cpu_thread
     if name == "threads":
         n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), thread_budget())
         return Threads(n_g, n_r)
+    if name == "process":
+        n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), thread_budget())
+        return Processes(n_g, n_r)
     if name == "two_devices":
         n_r = (cpu_threads or (None, None))[1] if r_dev.type == "cpu" else None
         return TwoDevices(n_r)
@@ -352,5 +386,6 @@ def place_reasoner(model: Any, device: str | torch.device | None, field: str = "
     return model
 
 
-__all__ = ["BACKENDS", "Call", "CudaStreams", "Sequential", "Threads", "TwoDevices", "check_device", "make_backend",
-           "pinned_threads", "place_reasoner", "resolve_backend", "same_device", "split_threads", "thread_budget"]
+__all__ = ["BACKENDS", "Call", "CudaStreams", "Processes", "Sequential", "Threads", "TwoDevices", "check_device",
+           "make_backend", "pinned_threads", "place_reasoner", "resolve_backend", "same_device", "split_threads",
+           "thread_budget"]

@@ -254,6 +254,9 @@ class RowBatch:
         if callable(getattr(model, "eval", None)):
             model.eval()
         self.model = model
+        if concurrent == "process":  # R's cache would live in the worker process, out of reach of the row surgery
+            raise ValueError("decode backend 'process' cannot run a continuous batch (rows joining and leaving "
+                             "resize the Reasoner's cache between steps); use threads, sequential or auto")
         self.concurrent, self.cpu_threads = concurrent, cpu_threads
         self.room = max(1, int(room))
         self.stepper: Any = None
@@ -278,6 +281,8 @@ class RowBatch:
         prompts the model's `decoder` takes by keyword (CoS: plain_input_ids, plain_attention_mask)."""
         room = max(self.room, int(room or 0))
         new = self.model.decoder(input_ids, attention_mask, self._cfg(room), **inputs)
+        if hasattr(new, "remote_ok"):
+            new.remote_ok = False  # "auto" must not move a cache the row surgery resizes into a worker process
         try:
             ops = _StepperRows.for_stepper(new)
             if self.ops is not None and type(ops) is not type(self.ops):

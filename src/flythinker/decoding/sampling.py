@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sequential", "threads", "cuda_streams", "two_devices")
+BACKENDS = ("sequential", "threads", "process", "cuda_streams", "two_devices")
 
 # Id written into the running sequence at left-padding positions. `apply_processors` maps it (and any id past the
 # logits' width) to a spare -inf column it drops afterwards: padding is never penalised and never completes an
@@ -70,13 +70,14 @@ class DecodeConfig:
     """Emitted by rows after their EOS; None: generation_config / config pad id, else the first EOS id, else 0."""
     concurrent: bool | str = "auto"
     """How R's step overlaps G's: "auto", True (the concurrent backend for this placement), False (sequential),
-    or a backend name: sequential, threads, cuda_streams, two_devices. "auto" on one CPU device measures the
+    or a backend name: sequential, threads, process (the Reasoner in a worker process: no GIL shared with the
+    Generator's thread; whole-batch decodes only), cuda_streams, two_devices. "auto" on one CPU device measures the
     candidates once per machine, model pair and batch size (docs/decode_backends.md)."""
     backend: str | None = None
     """The same setting under the name the CLI uses (`--decode.backend threads`): when given it becomes
     `concurrent` and reads back as None, so the decode reads one field."""
     cpu_threads: tuple[int, int] | None = None
-    """(Generator, Reasoner) intra-op threads for the "threads" backend; None splits the calling thread's
+    """(Generator, Reasoner) intra-op threads for the "threads" and "process" backends; None splits the calling thread's
     torch.get_num_threads() by the models' per-token multiply-adds (at least one each)."""
     batch_size: int = 4
     """Rows decoded together by batch callers (the generate verb, experiments, the server); one `generate()` call

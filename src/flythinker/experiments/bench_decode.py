@@ -1,12 +1,12 @@
-"""`flythinker bench decode`: prefill time and ms per new token of SFT (the Generator alone), FlyThinker sequential
-and FlyThinker concurrent, compared per device (each model gets the same compute, the paper's setting: here the same
-number of cores per model) and on the same machine (each method in its fastest configuration using all cores), at
-each weights dtype (float32, and bfloat16 where the hardware computes it natively; every configuration of every
-dtype is timed interleaved). The automatic choice ("auto": on one CPU device a short calibration, cached, see
-`flythinker.decoding.calibrate`) is timed as a row of its own beside the explicit configurations; the dtype that
-`--dtype auto` picks at each batch (`flythinker.decoding.dtype_choice`) is reported beside it (auto_dtype,
-auto_dtype_source, auto_dtype_ms: the auto row in that dtype). Prints a table;
-the CLI ends with one JSON line.
+"""`flythinker bench decode`: prefill time and ms per new token of SFT (the Generator alone), FlyThinker sequential and
+FlyThinker concurrent (the Reasoner on a worker thread, "threads", or in a worker process, "process"), compared per
+device (each model gets the same compute, the paper's setting: here the same number of cores per model) and on the same
+machine (each method in its fastest configuration using all cores), at each weights dtype (float32, and bfloat16 where
+the hardware computes it natively; every configuration of every dtype is timed interleaved). The automatic choice
+("auto": on one CPU device a short calibration, cached, see `flythinker.decoding.calibrate`) is timed as a row of its
+own beside the explicit configurations; the dtype that `--dtype auto` picks at each batch
+(`flythinker.decoding.dtype_choice`) is reported beside it (auto_dtype, auto_dtype_source, auto_dtype_ms: the auto row
+in that dtype). Prints a table; the CLI ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class DecodeBenchConfig:
     dtype: list[Literal["float32", "bfloat16", "float16"]] = field(default_factory=list)
     """Weights dtypes to time, interleaved (comma-separated). Empty: float32, plus bfloat16 where the device
     computes it natively (`flythinker.utils.native_bf16`)."""
+    comparison: Literal["both", "per-device", "same-machine"] = "both"
+    """Which comparison to time: both, or only one (per-device alone interleaves just SFT, sequential, threads and
+    process at the per-model core count, so each is timed more often in the same minutes; no auto row then)."""
     methods: list[str] = field(default_factory=list)
     """Registered methods to compare instead (e.g. sft,flythinker,cot,coconut,interleaved): ms per response token
     and seconds for a fixed response, ratios to SFT beside Table 8's prediction, memory (bench_methods.py)."""
@@ -75,6 +78,8 @@ class DecodeBenchConfig:
             raise UserError("--threads must be >= 1 (0 = all cores)")
         if not self.batch or min(self.batch) < 1:
             raise UserError(f"--batch must be positive integers; got {self.batch}")
+        if self.comparison not in ("both", "per-device", "same-machine"):
+            raise UserError(f"--comparison must be both, per-device or same-machine; got {self.comparison!r}")
         if len(set(self.dtype)) != len(self.dtype) or any(d not in ("float32", "bfloat16", "float16")
                                                           for d in self.dtype):
             raise UserError(f"--dtype must list float32, bfloat16 and/or float16, each once; got {self.dtype}")
@@ -97,7 +102,7 @@ def _load(name: str):
 class Row:
     dtype: str               # weights dtype: float32 | bfloat16 | float16
     batch: int
-    method: str              # sft | sequential | concurrent | auto (FlyThinker with concurrent="auto")
+    method: str              # sft | sequential | concurrent (threads) | process | auto (FlyThinker, "auto")
     threads: str             # "2" (one pool), "1+1" (Generator + Reasoner pools), "gpu"
     backend: str
     prefill_ms: float
@@ -164,9 +169,11 @@ def run_decode(args: DecodeBenchConfig) -> dict:
             plans += [(dt, "per-device", "sft", sft, "sequential", str(k), k, None),
                       (dt, "per-device", "sequential", fly_dt, "sequential", str(k), k, None),
                       (dt, "per-device", "concurrent", fly_dt, "threads", f"{k}+{k}", k, (k, k)),
+                      (dt, "per-device", "process", fly_dt, "process", f"{k}+{k}", k, (k, k)),
                       (dt, "same-machine", "sft", sft, "sequential", str(n), n, None),
                       (dt, "same-machine", "sequential", fly_dt, "sequential", str(n), n, None)]
             plans += [(dt, "same-machine", "concurrent", fly_dt, "threads", f"{a}+{b}", n, (a, b)) for a, b in splits]
+            plans += [(dt, "same-machine", "process", fly_dt, "process", f"{a}+{b}", n, (a, b)) for a, b in splits]
             plans.append((dt, "same-machine", "auto", fly_dt, "auto", "auto", n, None))
         else:
             plans += [(dt, "same-machine", "sft", sft, "sequential", "1gpu", None, None),
@@ -181,6 +188,11 @@ def run_decode(args: DecodeBenchConfig) -> dict:
                           (dt, "per-device", "concurrent", fly2, "two_devices", "2gpu", None, None)]
             plans.append((dt, "same-machine", "auto", fly_dt, "auto", "1gpu", None, None))
 
+    if args.comparison != "both":
+        plans = [p for p in plans if p[1] == args.comparison]
+        if not plans:
+            raise UserError(f"--comparison {args.comparison} has no configuration on {device} "
+                            f"(per-device on CUDA needs two GPUs)")
     gen = torch.Generator().manual_seed(0)
     measured: dict[tuple, Row] = {}
     table: list[tuple[str, Row]] = []
@@ -208,16 +220,19 @@ def run_decode(args: DecodeBenchConfig) -> dict:
 
     by_dtype: dict[str, dict[int, dict[str, Any]]] = {dt: {} for dt in dtypes}
     for dt, batch in ((dt, batch) for dt in dtypes for batch in args.batch):
-        s_dev, q_dev, c_dev = (pick(batch, "per-device", m, dt) for m in ("sft", "sequential", "concurrent"))
+        s_dev, q_dev, c_dev, p_dev = (pick(batch, "per-device", m, dt)
+                                      for m in ("sft", "sequential", "concurrent", "process"))
         s_all = pick(batch, "same-machine", "sft", dt)
         a_all = pick(batch, "same-machine", "auto", dt)
         fly_rows = [r for r in (pick(batch, "same-machine", "sequential", dt),
-                                pick(batch, "same-machine", "concurrent", dt)) if r is not None]
-        best = min(fly_rows, key=lambda r: r.decode_ms)
+                                pick(batch, "same-machine", "concurrent", dt),
+                                pick(batch, "same-machine", "process", dt)) if r is not None]
+        best = min(fly_rows, key=lambda r: r.decode_ms) if fly_rows else None
         by_dtype[dt][batch] = {
             "sft_ms": _ms(s_dev), "sequential_ms": _ms(q_dev), "concurrent_ms": _ms(c_dev),
             "ratio_concurrent_over_sft": _ratio(c_dev, s_dev), "ratio_sequential_over_sft": _ratio(q_dev, s_dev),
-            "sft_best_ms": _ms(s_all), "best_ms": _ms(best), "best": f"{best.method}@{best.threads}",
+            "process_ms": _ms(p_dev), "ratio_process_over_sft": _ratio(p_dev, s_dev),
+            "sft_best_ms": _ms(s_all), "best_ms": _ms(best), "best": f"{best.method}@{best.threads}" if best else None,
             "ratio_best_over_sft_best": _ratio(best, s_all),
             "auto_ms": _ms(a_all), "ratio_auto_over_best": _ratio(a_all, best),
         }
@@ -225,7 +240,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
 
     # What "auto" ran, per batch size (the calibration's cached answer: the timed runs made it), for the first dtype.
     auto_by_batch = {}
-    for batch in args.batch:
+    for batch in args.batch if args.comparison != "per-device" else ():
         with pinned_threads(n if device.type == "cpu" else None):
             name, split, choice = choose_backend(fly, prompts[batch], DecodeConfig(max_new_tokens=args.new_tokens))
         auto_by_batch[batch] = {"backend": name, "cpu_threads": list(split) if split else None,
@@ -239,7 +254,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
         auto_by_batch[batch]["dtype"] = dt_choice.name
         summaries[batch].update(auto_dtype=dt_choice.name, auto_dtype_source=dt_choice.source,
                                 auto_dtype_ms=by_dtype.get(dt_choice.name, {}).get(batch, {}).get("auto_ms"))
-    auto = auto_by_batch[1 if 1 in args.batch else args.batch[0]]["backend"]
+    auto = auto_by_batch.get(1 if 1 in args.batch else args.batch[0], {}).get("backend")
     head = (f"flythinker bench decode: model={args.model} (Generator {_params(generator) / 1e6:.1f}M params, "
             f"Reasoner {_params(reasoner) / 1e6:.1f}M) device={device} dtype={','.join(dtypes)} "
             f"(native bf16: {native_bf16(device)}) prompt={args.prompt_tokens} new={args.new_tokens} "
@@ -247,9 +262,9 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     print(head)
     print(f"per-token multiply-adds at context {context}: C_G={c_g / 1e6:.1f}M C_R={c_r / 1e6:.1f}M "
           f"flop_ratio (C_G+C_R)/C_G = {flop_ratio:.3f}")
-    print("auto with " + (f"{n} threads" if device.type == "cpu" else str(device)) + ": " + ", ".join(
+    print("auto with " + (f"{n} threads" if device.type == "cpu" else str(device)) + ": " + (", ".join(
         f"batch {b} -> {a['backend']}" + (f" {a['cpu_threads'][0]}+{a['cpu_threads'][1]}" if a["cpu_threads"] else "")
-        + f" ({a['source']}), dtype {a['dtype']}" for b, a in auto_by_batch.items()))
+        + f" ({a['source']}), dtype {a['dtype']}" for b, a in auto_by_batch.items()) or "not timed"))
     if load_before is not None and load_before > 0.5:
         print(f"warning: load average was {load_before:.2f} before the benchmark; timings may be contended")
     print(f"{'dtype':<9} {'batch':>5}  {'comparison':<12} {'method':<11} {'threads':>7}  {'prefill ms':>10}  "
@@ -259,7 +274,8 @@ def run_decode(args: DecodeBenchConfig) -> dict:
               f"{r.decode_ms:>9.2f}  {1000 * r.batch / r.decode_ms:>9.1f}")
     for dt in dtypes:
         for batch, s in by_dtype[dt].items():
-            print(f"{dt} batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} (target "
+            print(f"{dt} batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} with "
+                  f"threads, {_fmt(s['ratio_process_over_sft'])} with process (target "
                   f"<= 1.05), sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best "
                   f"({s['best']})/best SFT = {_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = "
                   f"{1.05 * flop_ratio:.3f}); auto {_fmt(s['auto_ms'])} ms/token = "
@@ -267,7 +283,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
     first = 1 if 1 in args.batch else args.batch[0]
     # Per method, the faster configuration of each dtype on the whole machine: bf16 ms/token over fp32's.
     low = {m: _ratio(pick(first, "same-machine", m, "bfloat16"), pick(first, "same-machine", m, "float32"))
-           for m in ("sft", "sequential", "concurrent")} if {"float32", "bfloat16"} <= set(dtypes) else None
+           for m in ("sft", "sequential", "concurrent", "process")} if {"float32", "bfloat16"} <= set(dtypes) else None
     if low is not None:
         print(f"batch {first}: bf16/fp32 ms per token (same machine): "
               + ", ".join(f"{m} {_fmt(v)}" for m, v in low.items()))
@@ -278,6 +294,7 @@ def run_decode(args: DecodeBenchConfig) -> dict:
         "device": str(device), "dtype": dtypes[0], "dtypes": dtypes, "native_bf16": native_bf16(device),
         "bf16_over_fp32": low, "model": args.model,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+        "comparison": args.comparison,
         "flop_ratio": round(flop_ratio, 4), "macs_generator": c_g, "macs_reasoner": c_r,
         "params_generator": _params(generator), "params_reasoner": _params(reasoner), "auto_backend": auto,
         "load_before": load_before, "by_batch": {str(b): s for b, s in summaries.items()},

@@ -72,6 +72,9 @@ class CoSStepper:
         self.noctx = CausalLMStepper(lm, plain_ids, plain_mask, cfg)
         self.device = dev = self.ctx.device
         name = concurrency.resolve_backend(dev, dev, cfg.concurrent)
+        if name == "process":  # its two calls share one model and the token column: nothing for a worker process
+            raise ValueError("CoS: decode backend 'process' runs a Reasoner in a worker process and CoS has none; "
+                             "use threads, sequential or auto")
         # Two calls of one model: equal cost, so "threads" splits the cores evenly (macs 1:1).
         self.backend = concurrency.make_backend(name, dev, dev, cfg.cpu_threads, macs=lambda: (1, 1))
         s = self.noctx.state

@@ -142,6 +142,9 @@ class ServeConfig:
             from ..decoding.concurrency import check_device
 
             check_device(self.reasoner_device, "reasoner_device")  # one line now, not a CUDA error at the first step
+        if self.decode.concurrent == "process" and self.batching == "continuous":
+            raise ConfigError("decode.backend: process keeps the Reasoner's cache in a worker process, which "
+                              "continuous batching cannot resize; use threads, sequential or auto, or --batching wave")
         if self.decode.max_new_tokens > self.limits.max_new_tokens:
             raise ConfigError(f"decode.max_new_tokens ({self.decode.max_new_tokens}) exceeds "
                               f"limits.max_new_tokens ({self.limits.max_new_tokens})")

@@ -73,19 +73,22 @@ def _calibrates(model: Any, cfg: DecodeConfig, budget: int) -> bool:
 
 
 def choose_backend(model: Any, input_ids: torch.Tensor, cfg: DecodeConfig,
-                   time_step: calibrate.StepTimer | None = None) -> tuple[str, tuple[int, int] | None, Any]:
+                   time_step: calibrate.StepTimer | None = None,
+                   remote: bool = True) -> tuple[str, tuple[int, int] | None, Any]:
     """(backend, cpu_threads, calibrate.Choice or None) for a decode of `input_ids` (B, T) under `cfg`.
 
     An explicit backend (or True / False) always wins; so does the fixed rule where calibration does not apply
     (`_calibrates`). Otherwise the fastest candidate measured on these models at this batch size, from the cache
-    when fresh. time_step: the calibration's step timer (tests inject one)."""
+    when fresh. time_step: the calibration's step timer (tests inject one). remote: whether the "process" backend
+    (R's cache in a worker process) is a candidate; False for decodes whose caches must stay here (rows joining
+    and leaving a continuous batch)."""
     name = resolve_backend(model, cfg.concurrent)  # validates the setting for this placement first
     budget = concurrency.thread_budget()
     if not model.fusion_enabled or not _calibrates(model, cfg, budget):
         return name, cfg.cpu_threads, None
     # The cost split without the attention term: the candidates (part of the cache key) then do not depend on the
     # prompt length, and the alternative splits cover what a longer context would shift.
-    cands = calibrate.candidates(per_token_macs(model), budget, cfg.cpu_threads)
+    cands = calibrate.candidates(per_token_macs(model), budget, cfg.cpu_threads, remote=remote)
     extra = {"projection": model.projection is not None}
     key = {"machine": calibrate.machine_key(budget), "models": calibrate.model_key(
         [model.generator, model.reasoner], extra), "batch": int(input_ids.shape[0])}
@@ -98,7 +101,8 @@ def _probe(model: Any, input_ids: torch.Tensor, steps: int):
     """A throwaway decode of the prompt's last PROBE_TOKENS columns (unpadded, the same batch size) with room for
     `steps` steps: (step(candidate), close). It has its own caches, feeds a fixed token and draws no random
     numbers, so the real decode's outputs do not depend on it. A candidate's backend is built once; switching away
-    from one closes it, so "threads" hands the caller's thread back before sequential runs on every thread."""
+    from one closes it (`FlyThinkerStepper.set_backend`), so "threads" hands the caller's thread back before
+    sequential runs on every thread, and "process" hands R's cache back."""
     ids = input_ids[:, -min(input_ids.shape[1], PROBE_TOKENS):]
     probe = FlyThinkerStepper(model, ids, torch.ones_like(ids), DecodeConfig(
         max_new_tokens=steps + 1, concurrent="sequential", eos_token_id=[]))
@@ -107,21 +111,17 @@ def _probe(model: Any, input_ids: torch.Tensor, steps: int):
         probe.prefill()
     token = ids[:, -1].to(g_dev)
     backends: dict[Any, Any] = {}
-    current: list[Any] = [None]
 
     def step(c: Any) -> None:
-        if current[0] is not None and current[0] != c:
-            backends[current[0]].close()
         if c not in backends:
             backends[c] = concurrency.make_backend(c.backend, g_dev, probe.r_dev, c.cpu_threads)
-        current[0] = c
-        probe.backend = backends[c]
+        probe.set_backend(backends[c])
         probe.step(token)
 
     def close() -> None:
+        probe.close()
         for b in backends.values():
             b.close()
-        probe.close()
 
     return step, close
 
@@ -143,6 +143,9 @@ class FlyThinkerStepper:
         self.reasoner_steps = model.config.scope != "input"
         # The calibration's answer (a calibrate.Choice) once "auto" measured or read the cache, else None.
         self.choice = None
+        # Whether "auto" may move R's cache into the "process" backend's worker; the continuous batcher, which
+        # resizes the caches between steps, sets it False (an explicit backend "process" is refused there).
+        self.remote_ok = True
         name = resolve_backend(model, cfg.concurrent)  # checked even when there is nothing to overlap
         threads = cfg.cpu_threads
         # "auto" that measures chooses at the first step (`_choose`), the prefill running on every thread meanwhile:
@@ -227,6 +230,15 @@ class FlyThinkerStepper:
                                  **self.g_kw, use_cache=True)
             return out.logits[:, -1].float()                                                # (B, V)
 
+        if self.backend.remote:  # the Reasoner steps in the worker process (concurrency.Processes)
+            session = self.backend.session
+            if not session.holds:  # its first step: R's cache, mask and positions move there
+                base, kw = model.reasoner_decoder()
+                session.adopt(base, kw, self.r_cache, self.mask_r, self.step_pos_r, r_prev.shape[-1],
+                              r_prev.dtype, self.backend.n_r)
+                self.r_cache = None
+            self.r_prev, logits = self.backend.step_remote(y_r, t, cols, unpadded, g_call)
+            return logits
         inputs = (y_r, pos_r) if mask_r is None else (y_r, mask_r, pos_r)
         r_call = Call(lambda: model.reason(y_r, mask_r, position_ids=pos_r, past_key_values=self.r_cache,
                                            use_cache=True)[0], *inputs)                     # (B, 1, H_R)
@@ -240,10 +252,19 @@ class FlyThinkerStepper:
         ids = self._probe_ids
         if ids.shape[0] != batch:
             ids = ids[torch.arange(batch, device=ids.device) % ids.shape[0]]
-        name, threads, self.choice = choose_backend(self.model, ids, self.cfg)
-        self.backend.close()
-        self.backend = concurrency.make_backend(name, self.g_dev, self.r_dev, threads,
-                                                macs=lambda: per_token_macs(self.model, self._context))
+        name, threads, self.choice = choose_backend(self.model, ids, self.cfg, remote=self.remote_ok)
+        self.set_backend(concurrency.make_backend(name, self.g_dev, self.r_dev, threads,
+                                                  macs=lambda: per_token_macs(self.model, self._context)))
+
+    def set_backend(self, backend: Any) -> None:
+        """Step with `backend` from now on; a "process" backend's worker first hands R's cache back."""
+        old = self.backend
+        if old is backend:
+            return
+        if old.remote and old.session.holds:
+            self.r_cache = old.session.release()
+        old.close()
+        self.backend = backend
 
     def close(self) -> None:
         self.backend.close()
