@@ -274,12 +274,16 @@ def run_decode(args: DecodeBenchConfig) -> dict:
               f"{r.decode_ms:>9.2f}  {1000 * r.batch / r.decode_ms:>9.1f}")
     for dt in dtypes:
         for batch, s in by_dtype[dt].items():
-            print(f"{dt} batch {batch}: per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} with "
-                  f"threads, {_fmt(s['ratio_process_over_sft'])} with process (target "
-                  f"<= 1.05), sequential/SFT = {_fmt(s['ratio_sequential_over_sft'])}; same machine best "
-                  f"({s['best']})/best SFT = {_fmt(s['ratio_best_over_sft_best'])} (target <= 1.05 x flop_ratio = "
-                  f"{1.05 * flop_ratio:.3f}); auto {_fmt(s['auto_ms'])} ms/token = "
-                  f"{_fmt(s['ratio_auto_over_best'])} x the best configuration")
+            parts = []
+            if args.comparison != "same-machine":
+                parts.append(f"per device concurrent/SFT = {_fmt(s['ratio_concurrent_over_sft'])} with threads, "
+                             f"{_fmt(s['ratio_process_over_sft'])} with process (target <= 1.05), sequential/SFT = "
+                             f"{_fmt(s['ratio_sequential_over_sft'])}")
+            if args.comparison != "per-device":
+                parts.append(f"same machine best ({s['best']})/best SFT = {_fmt(s['ratio_best_over_sft_best'])} "
+                             f"(target <= 1.05 x flop_ratio = {1.05 * flop_ratio:.3f}); auto {_fmt(s['auto_ms'])} "
+                             f"ms/token = {_fmt(s['ratio_auto_over_best'])} x the best configuration")
+            print(f"{dt} batch {batch}: " + "; ".join(parts))
     first = 1 if 1 in args.batch else args.batch[0]
     # Per method, the faster configuration of each dtype on the whole machine: bf16 ms/token over fp32's.
     low = {m: _ratio(pick(first, "same-machine", m, "bfloat16"), pick(first, "same-machine", m, "float32"))
