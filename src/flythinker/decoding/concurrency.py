@@ -327,12 +327,9 @@ def make_backend(name: str, g_dev: torch.device, r_dev: torch.device, cpu_thread
     multiply-adds per step."""
     if name == "sequential":
         return Sequential()
-    if name == "threads":
+    if name in ("threads", "process"):
         n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), thread_budget())
-        return Threads(n_g, n_r)
-    if name == "process":
-        n_g, n_r = cpu_threads or split_threads(*(macs() if macs else (1, 1)), thread_budget())
-        return Processes(n_g, n_r)
+        return (Threads if name == "threads" else Processes)(n_g, n_r)
     if name == "two_devices":
         n_r = (cpu_threads or (None, None))[1] if r_dev.type == "cpu" else None
         return TwoDevices(n_r)
