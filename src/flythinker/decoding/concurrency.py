@@ -322,9 +322,9 @@ def _record(t: torch.Tensor, stream: Any) -> None:
 
 def make_backend(name: str, g_dev: torch.device, r_dev: torch.device, cpu_threads: tuple[int, int] | None = None,
                  macs: Callable[[], tuple[int, int]] | None = None):
-    """The backend object for `name` (see `resolve_backend`). cpu_threads: (main, side) threads for "threads" and "process"
-    (and the side's for a CPU-side "two_devices"); None splits `thread_budget()` by `macs()`, the two calls'
-    multiply-adds per step."""
+    """The backend object for `name` (see `resolve_backend`). cpu_threads: (main, side) threads for "threads" and
+    "process" (and the side's for a CPU-side "two_devices"); None splits `thread_budget()` by `macs()`, the two
+    calls' multiply-adds per step."""
     if name == "sequential":
         return Sequential()
     if name in ("threads", "process"):
