@@ -84,3 +84,39 @@ def test_model_from_misuse_is_a_one_line_error_before_anything_runs(tmp_path, st
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_ablation_point_with_model_from_decodes_an_earlier_points_model_on_the_tune_pool(tmp_path, study, capsys):
+    """A decoding lever chosen on the tune pool (e.g. a length floor) needs no second training there either: the
+    point decodes the SFT reference's model, its dev NLL is that model's, and its predictions are its own."""
+    point = dict(COPY, name="SFT+copy-tune")
+    cfg = study(splits=[], methods=["sft"], tune_examples=2,
+                ablation={"lams": [], "reasoner_layers": [], "points": [point], "train_examples": 2,
+                          "eval_examples": 2, "max_new_tokens": 6})
+    assert main(["study", "--config", cfg]) == 0
+    log = capsys.readouterr().out
+    ab = tmp_path / "out" / "ablations"
+    assert "[SFT+copy-tune] decoding the trained model of SFT" in log and "[SFT+copy-tune] training" not in log
+    assert not (ab / "SFT_copy-tune" / "train").exists() and (ab / "SFT" / "train" / "final").is_dir()
+    sft, copy = _lines(ab / "SFT" / "predictions.jsonl"), _lines(ab / "SFT_copy-tune" / "predictions.jsonl")
+    assert [r["id"] for r in copy] == [r["id"] for r in sft] and len(sft) == 2
+    assert {r["run"]["checkpoint"] for r in copy} == {r["run"]["checkpoint"] for r in sft}
+    assert [r["prediction"] for r in copy] != [r["prediction"] for r in sft]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["ablations"]["rows"]}
+    assert set(rows) == {"SFT", "SFT+copy-tune"} and "same_as" not in rows["SFT+copy-tune"]
+    assert rows["SFT+copy-tune"]["dev_nll"] == rows["SFT"]["dev_nll"] is not None
+    assert rows["SFT+copy-tune"]["init_dev_nll"] == rows["SFT"]["init_dev_nll"] is not None
+    assert rows["SFT+copy-tune"]["train_s_per_step"] == rows["SFT"]["train_s_per_step"] > 0
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"name": "X", "model_from": "Y"}, "ablation.points: X: model_from 'Y' is not a row listed before it"),
+    ({"name": "X", "model_from": "SFT", "overrides": {"data.k": 2}}, "ablation.points: X decodes the model of SFT"),
+])
+def test_ablation_point_model_from_misuse_is_a_one_line_error_before_anything_runs(tmp_path, study, capsys, point,
+                                                                                    message):
+    cfg = study(splits=[], ablation={"lams": [], "reasoner_layers": [], "points": [point]})
+    assert main(["study", "--config", cfg]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -50,28 +50,29 @@ class Variant:
     method: str = ""
     """The registered method the row runs (empty: flythinker, or the model_from row's method)."""
     model_from: str = ""
-    """A row listed before this one (a method's display name or a variant's name) whose trained model this row
-    decodes instead of training its own: the row takes that row's method and settings, and its own overrides may
-    only be decode.* ones. {name: SFT+copy, model_from: SFT, overrides: {decode.copy_bonus: 2}} measures a decoding
+    """A row listed before this one (a method's display name or a variant's name; for an ablation point, an earlier
+    point or SFT, the reference) whose trained model this row decodes instead of training its own: the row takes
+    that row's method and settings, and its own overrides may only be decode.* ones. {name: SFT+copy, model_from: SFT, overrides: {decode.copy_bonus: 2}} measures a decoding
     lever on the very SFT model it is compared with, at the cost of one more decode and no training."""
 
-    def spec(self, source=None):
-        """This row's MethodSpec; `source` is the MethodSpec of its model_from row (required when it has one)."""
+    def spec(self, source=None, where: str = "variants"):
+        """This row's MethodSpec; `source` is the MethodSpec of its model_from row (required when it has one);
+        `where` names the config section in errors (variants, or ablation.points)."""
         from .runner import MethodSpec
 
         if not self.model_from:
             return MethodSpec(self.name, self.method or "flythinker", dict(self.overrides))
         own = [k for k in self.overrides if not k.startswith("decode.")]
         if own:
-            raise UserError(f"variants: {self.name} decodes the model of {self.model_from} (model_from), so only "
+            raise UserError(f"{where}: {self.name} decodes the model of {self.model_from} (model_from), so only "
                             f"decode.* overrides can be its own; got {', '.join(own)}")
         if source is None:
-            raise UserError(f"variants: {self.name}: model_from {self.model_from!r} is not a row listed before it")
+            raise UserError(f"{where}: {self.name}: model_from {self.model_from!r} is not a row listed before it")
         if self.method and self.method != source.method:
-            raise UserError(f"variants: {self.name} runs {self.method} but decodes the model of {self.model_from}, "
+            raise UserError(f"{where}: {self.name} runs {self.method} but decodes the model of {self.model_from}, "
                             f"a {source.method} row; drop its method (it is taken from {self.model_from})")
         if not source.trained or source.model_from:
-            raise UserError(f"variants: {self.name}: model_from {self.model_from!r} must be a row that trains its "
+            raise UserError(f"{where}: {self.name}: model_from {self.model_from!r} must be a row that trains its "
                             f"own model")
         inherited = {k: v for k, v in source.overrides.items() if not k.startswith("decode.")}
         return MethodSpec(self.name, source.method, {**inherited, **self.overrides}, model_from=self.model_from)
@@ -100,7 +101,8 @@ class AblationConfig:
     lr_reasoners: list[float] = field(default_factory=list)
     """Reasoner learning rates other than train.lr_reasoner (the Generator's stays); empty disables."""
     points: list[Variant] = field(default_factory=list)
-    """Further ablation points, each a name and dotted overrides."""
+    """Further ablation points, each a name and dotted overrides; a point with model_from (an earlier point, or
+    SFT, the reference) decodes that point's trained model with its own decode.* overrides instead of training."""
     train_examples: int = 120
     eval_examples: int = 24
     max_new_tokens: int = 128
@@ -135,6 +137,18 @@ class AblationConfig:
         if pts:
             pts.append(("sft", None, Variant("SFT", method="sft")))
         return pts
+
+    def specs(self, data: DataConfig | None = None) -> list[tuple[str, Any, MethodSpec]]:
+        """(axis, value, MethodSpec) for every point in run order: the SFT reference first (a point with its setting,
+        e.g. "SFT k=2" at k = 2, then reuses it, and the comparisons' baseline keeps its name), then the rest as
+        listed. A point with model_from decodes an earlier point's trained model (SFT, the reference, included)
+        with its own decode.* overrides: a decoding lever costs one decode on the tune pool, not a retraining."""
+        pts = sorted(self.all_points(data), key=lambda t: t[0] != "sft")
+        specs: list[tuple[str, Any, MethodSpec]] = []
+        for axis, value, p in pts:
+            source = next((s for _, _, s in specs if s.name == p.model_from), None) if p.model_from else None
+            specs.append((axis, value, p.spec(source, where="ablation.points")))
+        return specs
 
 
 def history_profile_tokens(k: int, data: DataConfig) -> int:
@@ -193,10 +207,7 @@ class StudyConfig:
             from ..decoding.concurrency import check_device
 
             check_device(self.reasoner_device, "reasoner_device")  # a ConfigError: one line, before any model loads
-        for v in self.ablation.points:
-            if v.model_from:
-                raise UserError(f"ablation.points: {v.name}: model_from is for rows of the main comparison")
-        for spec in self.rows() + [v.spec() for v in self.ablation.points]:
+        for spec in self.rows() + [spec for _, _, spec in self.ablation.specs(self.data)]:
             # checks the method and every override key now, not hours into the run
             spec.model_args(self.model), spec.data_config(self.data), spec.train_args(self.train)
             spec.decode_config(self.decode)
@@ -405,12 +416,11 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
     dev = (dev_pools(all_dev, cfg)[0] if cfg.tune_examples > 0 else _sample(all_dev, 0, cfg.seed))[: ab.eval_examples]
     decode = dataclasses.replace(cfg.decode, max_new_tokens=ab.max_new_tokens)
     out = Path(cfg.out) / "ablations"
-    points = [(axis, value, p.spec()) for axis, value, p in ab.all_points(cfg.data)]
-    # the SFT reference first: a point with its setting (e.g. "SFT k=2" at k = 2) then reuses it, and the
-    # comparisons' baseline keeps its name
-    points.sort(key=lambda t: t[0] != "sft")
     rows, seen = [], {}
-    for axis, value, spec in points:
+    for axis, value, spec in ab.specs(cfg.data):
+        source = next((r for r in rows if r["name"] == spec.model_from), None) if spec.model_from else None
+        if source is not None and "same_as" in source:  # its source was run as another point: that point's model
+            spec = dataclasses.replace(spec, model_from=source["same_as"])
         key = _setting_key(spec, cfg)
         if key in seen:  # e.g. lam=0.5 and layers=8 at a λ-0.5, 8-layer experiment: train and decode it once
             first = seen[key]
@@ -425,6 +435,8 @@ def run_ablations(cfg: StudyConfig, metrics, tok, log=print) -> dict:
         nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
         if spec.model_free:  # a copy floor has no model, so no NLL: its row has the generation metrics only
             nlls = {"init_dev_nll": None, "dev_nll": None}
+        elif source is not None:  # the same trained model as its source, so the same teacher-forced NLLs
+            nlls = {"init_dev_nll": source["init_dev_nll"], "dev_nll": source["dev_nll"]}
         elif "init_dev_nll" not in nlls or "dev_nll" not in nlls:
             data_cfg = spec.data_config(cfg.data)
             dev_feats = spec.impl.features(dev, tok, data_cfg, args=spec.model_args(cfg.model))
