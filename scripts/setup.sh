@@ -30,6 +30,10 @@ if command -v pg_lsclusters >/dev/null 2>&1; then
 fi
 $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# DeepSpeed, for the ZeRO-2/3 training tests (2 CPU processes over gloo; tests/integration/test_deepspeed.py). Its
+# setup.py imports torch, so it builds against the torch above (no build isolation; `wheel` for bdist_wheel).
+$PY -m pip install -q --disable-pip-version-check wheel
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
 # A PostgreSQL role and database for the server's storage tests (FLYTHINKER_TEST_POSTGRES_URL overrides them).
 if command -v pg_ctlcluster >/dev/null 2>&1; then
   PGSU="su postgres -c"; [ "$(id -u)" = 0 ] || PGSU="sudo -u postgres sh -c"

@@ -2,14 +2,17 @@
 
 Owns: the decoder stack without the LM head (`base_model`), position ids from a left-padded mask, the
 (mask, position_ids) pair to pass to a forward, the KV-cache keyword a model's forward takes and the cache it
-returns (the keyword changed in transformers 5.24), whether a forward accepts an argument, embedding sizes.
-Nothing here knows about FlyThinker.
+returns (the keyword changed in transformers 5.24), whether a forward accepts an argument, embedding sizes, and
+reading a parameter whole when DeepSpeed ZeRO-3 has partitioned it (`whole_params`). Nothing here knows about
+FlyThinker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,3 +100,32 @@ def hidden_size(lm: nn.Module) -> int:
 def context_limit(lm: nn.Module) -> int | None:
     """The model's maximum number of positions, when its config says."""
     return getattr(getattr(lm, "config", None), "max_position_embeddings", None)
+
+
+def zero3_partitioned(t: torch.Tensor) -> bool:
+    """Whether `t` is a parameter DeepSpeed ZeRO-3 has partitioned (outside its module's forward it holds this
+    process's slice only, an empty tensor; its full shape is `t.ds_shape`)."""
+    return hasattr(t, "ds_id")
+
+
+@contextlib.contextmanager
+def whole_params(*params: torch.Tensor) -> Iterator[None]:
+    """Within the block, ZeRO-3-partitioned `params` hold their whole tensors (read-only); others are untouched.
+
+    A module's own forward sees its parameters whole under ZeRO-3, but a read of another module's weight (the
+    embedding table's norm in fusion) sees an empty slice. Gathering is a collective: under ZeRO-3 every process
+    must enter the block together, as every process runs the same forward in training."""
+    parts = [p for p in params if zero3_partitioned(p)]
+    if parts:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # One a module holds gathered right now (its forward ran and has not released it) is whole already, and
+        # must stay so: gathering it again would partition it at the block's end, under the module.
+        parts = [p for p in parts if p.ds_status != ZeroParamStatus.AVAILABLE]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield

@@ -44,12 +44,13 @@ def tiny_tokenizer(vocab_size: int = 384):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden_size: int = 32, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64, max_positions: int = 512):
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64, max_positions: int = 512,
+                tie: bool = True):
     from transformers import LlamaConfig, Qwen2Config
 
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
               num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-              max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+              max_position_embeddings=max_positions, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=2,
               bos_token_id=1)
     if arch == "llama":
         return LlamaConfig(**kw)

@@ -76,6 +76,27 @@ def test_a_meta_copy_saves_gathered_weights_in_the_same_layout(tmp_path):
         full_model(skeleton, state)
 
 
+def test_a_meta_copy_of_a_zero3_partitioned_model_has_the_full_shapes():
+    """A model built under ZeRO-3's zero.Init holds empty slices with the full shape in `ds_shape`; the skeleton
+    must have the full shapes, or the gathered state dict would not load into it."""
+    model = _models()
+    full = {n: p.shape for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.ds_shape = p.shape  # as zero.Init leaves them: ds_shape full, the data an empty slice
+        p.data = torch.empty(0, dtype=p.dtype)
+    skeleton = meta_copy(model)
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == full
+
+
+def test_whole_params_leaves_ordinary_parameters_alone():
+    from flythinker.hf import whole_params, zero3_partitioned
+
+    p = torch.nn.Parameter(torch.ones(3))
+    assert not zero3_partitioned(p)
+    with whole_params(p):  # nothing to gather, deepspeed not needed
+        assert torch.equal(p, torch.ones(3))
+
+
 def test_a_launch_asking_for_a_sharded_engine_that_did_not_start_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match="asks for fsdp but accelerate started ddp"):

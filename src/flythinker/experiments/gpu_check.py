@@ -134,28 +134,40 @@ def check_speed(fly: Any, sft: Any, device: torch.device, prompt_tokens: int, ne
 def train_worker(out_dir: str, batch_size: int, steps: int, save_every: int = 0, resume: bool = False,
                  accelerator: Any = None) -> dict[str, Any]:
     """Train the tiny FlyThinker pair `steps` optimizer steps (grad_accum 2, 8 examples) under whatever engine
-    `accelerate launch` set up (or `accelerator`), saving final/; write and return {"losses", "engine",
-    "peak_mib"} as out_dir/rank<r>.json. Every process runs it."""
+    `accelerate launch` set up (or `accelerator`: an Accelerator, or a function making one after the models),
+    saving final/; write and return {"losses", "engine", "peak_mib", "processes"} (and "embedding_norm" after
+    training, but for FSDP) as out_dir/rank<r>.json. Every process runs it."""
     from ..methods import ModelArgs, get_method
     from ..testing import random_features, tiny_lm
     from ..training.config import TrainArgs
     from ..training.loop import engine_of, fit
 
     torch.set_num_threads(1)
+    # The models before the Accelerator, as `flythinker train` loads them: under a ZeRO-3 launch accelerate makes
+    # transformers build every later model partitioned (zero.Init) whatever zero3_init_flag says.
+    # An untied Generator, like the paper's Qwen2.5-7B: ZeRO-3 then releases its input embedding after the lookup,
+    # so fusion's read of the table is the partitioned case.
+    model = get_method("flythinker").from_lms(tiny_lm("llama", seed=1, tie=False),
+                                              tiny_lm("llama", seed=2, num_layers=1), ModelArgs())
     if accelerator is None:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    elif callable(accelerator):
+        accelerator = accelerator()
     device = accelerator.device
     _reset_peak(device)
-    model = get_method("flythinker").from_lms(tiny_lm("llama", seed=1), tiny_lm("llama", seed=2, num_layers=1),
-                                              ModelArgs())
     args = TrainArgs(out_dir=out_dir, max_steps=steps, batch_size=batch_size, grad_accum=2, lr_generator=1e-2,
                      lr_reasoner=1e-2, progress=False, save_final=True, save_every=save_every, keep_checkpoints=0,
                      resume=resume, precision="fp32")
     res = fit(model, random_features(8), args, pad_token_id=0, accelerator=accelerator)
-    rec = {"losses": res.losses, "engine": engine_of(accelerator), "peak_mib": _peak_mib(device),
+    engine = engine_of(accelerator)
+    rec = {"losses": res.losses, "engine": engine, "peak_mib": _peak_mib(device),
            "processes": accelerator.num_processes}
+    if engine != "fsdp":
+        # Fusion's scale read outside any forward, where ZeRO-3 leaves the embedding table partitioned (FSDP2's
+        # sharded DTensors are read inside the root module's forward only).
+        rec["embedding_norm"] = float(model.embedding_norm())
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps(rec))
     return rec
 

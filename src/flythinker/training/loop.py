@@ -448,7 +448,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
     configs, tokenizer and tied weights of the original, for `full_model` to fill later."""
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        empty = torch.empty_like(t, device="meta")
+        # A model built under ZeRO-3's zero.Init holds empty slices; `ds_shape` is the parameter's full shape.
+        empty = torch.empty(getattr(t, "ds_shape", t.shape), dtype=t.dtype, device="meta")
         memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
 

@@ -23,7 +23,7 @@ from torch import nn
 from ...data.collate import IGNORE_INDEX, collate
 from ...decoding.loop import GenerationMixin
 from ...decoding.sampling import DecodeConfig
-from ...hf import base_model, cache_kwargs, hf_mask_args, hidden_size, output_cache
+from ...hf import base_model, cache_kwargs, hf_mask_args, hidden_size, output_cache, whole_params
 from ...models import check_vocabularies
 from ...utils import UserError
 from ..base import next_token_nll
@@ -233,7 +233,8 @@ class FlyThinker(GenerationMixin, nn.Module):
         rescale identically. Embedding layers that scale their output (Gemma's multiplies rows by sqrt(hidden size),
         `embed_scale`) count that scale: e(x_i) is the scaled row, so the norm r is rescaled to must be too."""
         emb = self.generator.get_input_embeddings()
-        norm = emb.weight.detach().float().norm(dim=-1).mean()
+        with whole_params(emb.weight):  # partitioned under ZeRO-3: its slice alone would give a norm of 0
+            norm = emb.weight.detach().float().norm(dim=-1).mean()
         scale = getattr(emb, "embed_scale", None)
         if scale is not None:
             norm = norm * torch.as_tensor(scale).detach().float().abs().to(norm.device)
