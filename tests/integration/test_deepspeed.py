@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # six 2-process launches: about two minutes
 
@@ -45,12 +44,6 @@ def _config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-def _weights(final: Path) -> dict[str, torch.Tensor]:
-    from flythinker import FlyThinker
-
-    return FlyThinker.from_pretrained(final).state_dict()
-
-
 def _run(cmd: list[str], args: list[str], env: dict[str, str]) -> None:
     res = subprocess.run(cmd + [__file__] + args, check=False, env=env, timeout=400, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -62,37 +55,15 @@ def test_two_process_zero_matches_one_process_and_resumes_exactly(tmp_path, stag
     HF-style final/); a run stopped after its step-2 checkpoint and resumed gives the uninterrupted curve."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (scripts/setup.sh installs it)")
     from flythinker.experiments.gpu_check import train_worker
+    from tests.integration.sharded_checks import check_matches_one_process_and_resumes
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "DS_ACCELERATOR": "cpu"}
     cmd = _launch(stage, _config(tmp_path, stage))
     one = train_worker(str(tmp_path / "one"), batch_size=2, steps=4)
-    _run(cmd, [str(tmp_path / "zero"), "1", "4"], env)
-    r0, r1 = (json.loads((tmp_path / "zero" / f"rank{i}.json").read_text()) for i in (0, 1))
-    assert r0["engine"] == r1["engine"] == "deepspeed" and r0["processes"] == 2
-    assert r0["losses"] == r1["losses"]
-    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    r0, r1 = check_matches_one_process_and_resumes(tmp_path, lambda argv: _run(cmd, argv, env), "deepspeed", one)
+    assert r0["processes"] == 2
     # read whole although partitioned (ZeRO-3): a slice alone gives 0, which would silently switch fusion off
     assert r0["embedding_norm"] == r1["embedding_norm"] == pytest.approx(one["embedding_norm"], rel=1e-5)
-    ref = _weights(tmp_path / "one" / "final")
-    sharded = _weights(tmp_path / "zero" / "final")
-    assert set(sharded) == set(ref)
-    for k, v in ref.items():
-        torch.testing.assert_close(sharded[k], v, rtol=1e-4, atol=1e-5, msg=k)
-    names = sorted(p.relative_to(tmp_path / "one" / "final").as_posix()
-                   for p in (tmp_path / "one" / "final").rglob("*"))
-    assert names == sorted(p.relative_to(tmp_path / "zero" / "final").as_posix()
-                           for p in (tmp_path / "zero" / "final").rglob("*"))
-
-    _run(cmd, [str(tmp_path / "cut"), "1", "2", "2"], env)
-    step2 = tmp_path / "cut" / "step-000002"
-    assert (step2 / "engine").is_dir() and (step2 / "generator").is_dir() and (step2 / "training_state.pt").is_file()
-    first = json.loads((tmp_path / "cut" / "rank0.json").read_text())["losses"]
-    _run(cmd, [str(tmp_path / "cut"), "1", "4", "0", "resume"], env)
-    second = json.loads((tmp_path / "cut" / "rank0.json").read_text())["losses"]
-    assert first + second == pytest.approx(r0["losses"], rel=1e-6, abs=1e-7)
-    resumed = _weights(tmp_path / "cut" / "final")
-    for k, v in sharded.items():
-        torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _deepspeed_accelerator():
@@ -106,11 +77,9 @@ def _deepspeed_accelerator():
 
 def main(argv: list[str]) -> None:
     """One process of the test: OUT_DIR BATCH STEPS [SAVE_EVERY] [resume]."""
-    from flythinker.experiments.gpu_check import train_worker
+    from sharded_checks import worker_main  # run as a script: this folder is sys.path[0]
 
-    out_dir, batch, steps, *rest = argv
-    train_worker(str(Path(out_dir)), int(batch), int(steps), int(rest[0]) if rest else 0, "resume" in rest[1:],
-                 accelerator=_deepspeed_accelerator)
+    worker_main(argv, _deepspeed_accelerator)
 
 
 if __name__ == "__main__":

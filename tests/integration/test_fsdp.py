@@ -8,14 +8,12 @@ no_sync, clip_grad_norm_, get_state_dict and save_state / load_state, which is t
 configs/accelerate/fsdp.yaml takes. The real launch is scripts/gpu_check.sh's job.
 """
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # three 2-process launches: about a minute
 
@@ -40,12 +38,6 @@ def _fsdp_accelerator():
     return acc
 
 
-def _weights(final: Path) -> dict[str, torch.Tensor]:
-    from flythinker import FlyThinker
-
-    return FlyThinker.from_pretrained(final).state_dict()
-
-
 def _run(args: list[str], env: dict[str, str]) -> None:
     res = subprocess.run(LAUNCH + [__file__] + args, check=False, env=env, timeout=300, capture_output=True,
                          text=True)
@@ -56,44 +48,19 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     """2 CPU processes x batch 1 under FSDP2 == 1 process x batch 2 (losses, final weights); a run stopped after
     its step-2 checkpoint and resumed gives the uninterrupted curve and weights."""
     from flythinker.experiments.gpu_check import train_worker
+    from tests.integration.sharded_checks import check_matches_one_process_and_resumes
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one = train_worker(str(tmp_path / "one"), batch_size=2, steps=4)
-    _run([str(tmp_path / "fsdp"), "1", "4"], env)
-    r0, r1 = (json.loads((tmp_path / "fsdp" / f"rank{i}.json").read_text()) for i in (0, 1))
-    assert r0["engine"] == r1["engine"] == "fsdp" and r0["losses"] == r1["losses"]
-    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    ref = _weights(tmp_path / "one" / "final")
-    sharded = _weights(tmp_path / "fsdp" / "final")
-    assert set(sharded) == set(ref)
-    for k, v in ref.items():
-        torch.testing.assert_close(sharded[k], v, rtol=1e-4, atol=1e-5, msg=k)
-    names = sorted(p.relative_to(tmp_path / "one" / "final").as_posix()
-                   for p in (tmp_path / "one" / "final").rglob("*"))
-    assert names == sorted(p.relative_to(tmp_path / "fsdp" / "final").as_posix()
-                           for p in (tmp_path / "fsdp" / "final").rglob("*"))  # the same HF layout
-
-    # stopped after the step-2 checkpoint, then resumed to step 4
-    _run([str(tmp_path / "cut"), "1", "2", "2"], env)
-    step2 = tmp_path / "cut" / "step-000002"
-    assert (step2 / "engine").is_dir() and (step2 / "generator").is_dir() and (step2 / "training_state.pt").is_file()
-    first = json.loads((tmp_path / "cut" / "rank0.json").read_text())["losses"]
-    _run([str(tmp_path / "cut"), "1", "4", "0", "resume"], env)
-    second = json.loads((tmp_path / "cut" / "rank0.json").read_text())["losses"]
-    assert first + second == pytest.approx(r0["losses"], rel=1e-6, abs=1e-7)
-    resumed = _weights(tmp_path / "cut" / "final")
-    for k, v in sharded.items():
-        torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    check_matches_one_process_and_resumes(tmp_path, lambda argv: _run(argv, env), "fsdp", one)
 
 
 def main(argv: list[str]) -> None:
     """One process of the test: OUT_DIR BATCH STEPS [SAVE_EVERY] [resume], training under FSDP2 on the CPU."""
     sys.path.insert(0, str(ROOT / "src"))
-    from flythinker.experiments.gpu_check import train_worker
+    from sharded_checks import worker_main  # run as a script: this folder is sys.path[0]
 
-    out_dir, batch, steps, *rest = argv
-    train_worker(str(Path(out_dir)), int(batch), int(steps), int(rest[0]) if rest else 0, "resume" in rest[1:],
-                 accelerator=_fsdp_accelerator())
+    worker_main(argv, _fsdp_accelerator())
 
 
 if __name__ == "__main__":
