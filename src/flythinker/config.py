@@ -56,7 +56,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = _flow_list(value, where)  # a flag holding a YAML list, e.g. --variants '[{name: A, ...}]'
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -93,6 +95,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")
         return value
+    return value
+
+
+def _flow_list(text: str, where: str) -> list:
+    """A flag's value written as a YAML flow sequence (`[a, b]`, `[{name: X, overrides: {...}}]`)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML list ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {text!r}")
     return value
 
 

@@ -2,6 +2,8 @@
 seeded random, ties), query extraction per task, prompt rendering (chat template / plain text), encoding and
 collation (labels -100 on the prompt, response mask, left/right padding), and the Dataset wrapper."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -240,6 +242,26 @@ def test_encode_example_matches_prompt_and_ends_with_eos(tokenizer):
     assert feat["response_ids"] == tokenizer.encode(e.output, add_special_tokens=False) + [tokenizer.eos_token_id]
     gen = encode_example(e, tokenizer, cfg, with_response=False)
     assert gen["response_ids"] == [] and gen["prompt_ids"] == feat["prompt_ids"]
+
+
+def test_eos_after_cut_false_drops_eos_only_from_cut_targets(tokenizer):
+    long_out = "Great album. I loved it. The saxophone is warm and the piano answers it in every track."
+    n_first = len(tokenizer.encode("Great album.", add_special_tokens=False))
+    eos = tokenizer.eos_token_id
+    cut_to = DataConfig(target_tokens=n_first)  # room for the first sentence only
+    assert truncate_to_tokens(long_out, tokenizer, n_first) == "Great album."
+    first = tokenizer.encode("Great album.", add_special_tokens=False)
+    # default (the paper's preparation): the cut target still ends in EOS
+    assert encode_example(ex(output=long_out), tokenizer, cut_to)["response_ids"] == first + [eos]
+    no_eos = dataclasses.replace(cut_to, eos_after_cut=False)
+    assert encode_example(ex(output=long_out), tokenizer, no_eos)["response_ids"] == first
+    # a target that fits is whole, so it keeps its EOS either way
+    whole = dataclasses.replace(no_eos, target_tokens=1000)
+    assert encode_example(ex(output=long_out), tokenizer, whole)["response_ids"] == \
+        tokenizer.encode(long_out, add_special_tokens=False) + [eos]
+    # collation supervises exactly the response ids: no EOS label after the cut
+    b = collate([encode_example(ex(output=long_out), tokenizer, no_eos)], pad_token_id=0)
+    assert b["labels"][0][b["response_mask"][0].bool()].tolist() == first
 
 
 def _features():

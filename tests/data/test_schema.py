@@ -366,6 +366,10 @@ def test_cli_data_inspect(tmp_path, capsys, monkeypatch):
     assert "p50" in out and "prompt (encoded)" in out
     assert "example 2: id c3" in out and "<|im_start|>assistant" in out and "retrieval=recency k=1" in out
     assert "[1] Second stored." not in out and "[1] First stored." in out     # recency, k=1, stored order
+    assert "ending in EOS: data.eos_after_cut" in out and "response (encoded, incl. EOS)" in out
+    assert main(["data", "inspect", str(path), "--data.eos_after_cut", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "no EOS after the cut: data.eos_after_cut" in out and "response (encoded, EOS if whole)" in out
 
 
 def test_cli_data_inspect_uses_default_tokenizer_and_yaml(tmp_path, capsys, monkeypatch, tokenizer):

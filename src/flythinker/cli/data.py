@@ -106,10 +106,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(f"  output (raw)                  {_percentiles(outputs)}")
     print(f"  profile item text (raw, each) {_percentiles(items)}")
     print(f"  prompt (encoded)              {_percentiles([len(f['prompt_ids']) for f in feats])}")
-    print(f"  response (encoded, incl. EOS) {_percentiles([len(f['response_ids']) for f in feats])}")
+    label = f"response (encoded, {'incl. EOS' if cfg.eos_after_cut else 'EOS if whole'})"
+    print(f"  {label:<29} {_percentiles([len(f['response_ids']) for f in feats])}")
     cut_q = sum(x > cfg.query_tokens for x in inputs) / len(sample)
     cut_t = sum(x > cfg.target_tokens for x in outputs) / len(sample)
-    print(f"cut by budgets: queries {100 * cut_q:.1f}%, targets {100 * cut_t:.1f}%")
+    print(f"cut by budgets: queries {100 * cut_q:.1f}%, targets {100 * cut_t:.1f}% "
+          f"({'ending in EOS' if cfg.eos_after_cut else 'no EOS after the cut'}: data.eos_after_cut)")
 
     if not 0 <= args.example < n:
         raise UserError(f"--example {args.example} is out of range (0..{n - 1})")

@@ -51,13 +51,17 @@ def encode_prompt(prompt: str, tokenizer: Any, cfg: DataConfig) -> list[int]:
 def encode_example(example: Example, tokenizer: Any, cfg: DataConfig, with_response: bool = True,
                    store: Any = None) -> dict:
     """{"prompt_ids": list[int], "response_ids": list[int]}; the response is the target cut to
-    cfg.target_tokens (sentence boundaries) plus EOS, or [] when with_response is False. `store`: where the
-    user's history comes from (a `flythinker.data.store.ProfileStore`; default: the example's own profile)."""
+    cfg.target_tokens (sentence boundaries) plus EOS (none after a cut target when cfg.eos_after_cut is False),
+    or [] when with_response is False. `store`: where the user's history comes from (a
+    `flythinker.data.store.ProfileStore`; default: the example's own profile)."""
     prompt_ids = encode_prompt(build_prompt(example, tokenizer, cfg, store=store), tokenizer, cfg)
     response_ids: list[int] = []
     if with_response:
         target = truncate_to_tokens(example.output, tokenizer, cfg.target_tokens)
-        response_ids = list(tokenizer.encode(target, add_special_tokens=False)) + [eos_token_id(tokenizer)]
+        response_ids = list(tokenizer.encode(target, add_special_tokens=False))
+        # a cut target is a strict prefix of the output (truncate_to_tokens returns the output itself when it fits)
+        if cfg.eos_after_cut or target == example.output:
+            response_ids.append(eos_token_id(tokenizer))
     return {"prompt_ids": prompt_ids, "response_ids": response_ids}
 
 

@@ -36,6 +36,11 @@ class DataConfig:
     """Token budget for the query (the example's input)."""
     target_tokens: int = 1000
     """Token budget for the training target, before the EOS token is appended."""
+    eos_after_cut: bool = True
+    """Whether a target that `target_tokens` cut still ends in EOS. True: every target does (the paper's data
+    preparation, where the budget of 1000 tokens cuts almost nothing). False: only a whole target does, so a small
+    budget does not teach the model to stop where the cut fell (the reviews, cut at 192 tokens, taught every
+    trained row to stop early)."""
     min_item_tokens: int = 64
     """Smallest share of the profile budget an item may get; fewer items are shown rather than slivers."""
     seed: int = 0
