@@ -135,6 +135,19 @@ def test_decode_and_data_fingerprints():
     fp = data_fingerprint(exs, cfg)
     assert data_fingerprint(_examples(), DataConfig(retrieval="recency")) == fp
     assert data_fingerprint(exs, DataConfig(retrieval="recency", k=1)) != fp
+    # training-only settings (the EOS after a cut target) render the same prompts: an earlier run's predictions
+    # (recorded before the field existed) resume; the checkpoint fingerprint is what tells the models apart
+    assert data_fingerprint(exs, DataConfig(retrieval="recency", eos_after_cut=False)) == fp
+    import dataclasses
+
+    from flythinker.safeio import fingerprint
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eos_after_cut"}
+    import hashlib
+    h = hashlib.sha256()
+    for ex in exs:
+        h.update(json.dumps(dataclasses.asdict(ex), sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    assert fingerprint({"examples": h.hexdigest(), "prompt": before}) == fp  # what a file written before says
     exs[1].output = "another reference"
     assert data_fingerprint(exs, cfg) != fp
 

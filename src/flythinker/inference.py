@@ -305,8 +305,16 @@ def data_fingerprint(examples: Sequence[Any], data_cfg: Any) -> str:
         h.update(b"\n")
     from .safeio import fingerprint
 
-    prompt = dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else data_cfg
+    prompt = dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else dict(data_cfg)
+    # Settings that shape only training targets, added after runs were recorded, do not enter: they leave every
+    # prompt as it was (a model trained with them differs, and the checkpoint fingerprint sees that), and their
+    # absence keeps the fingerprints of earlier runs' predictions valid for resuming.
+    for name in TRAINING_ONLY_DATA_FIELDS:
+        prompt.pop(name, None)
     return fingerprint({"examples": h.hexdigest(), "prompt": prompt})
+
+
+TRAINING_ONLY_DATA_FIELDS: tuple[str, ...] = ("eos_after_cut",)
 
 
 def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
