@@ -44,7 +44,7 @@ def test_unknown_key_is_a_clear_error(tmp_path):
         load_yaml(bad)
 
 
-def test_a_list_flag_takes_a_yaml_flow_list(tmp_path):
+def test_a_list_flag_takes_a_yaml_flow_list():
     """`--ablation.points '[{...}]'` adds points from the command line; comma lists still work; bad YAML is one
     ConfigError naming the field."""
     import argparse

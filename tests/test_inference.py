@@ -2,6 +2,8 @@
 streaming text that adds up to the batch prediction; and the checkpoint side of `generate`: a damaged checkpoint is
 one line naming the file, and the fingerprints a resume compares."""
 
+import dataclasses
+import hashlib
 import json
 import shutil
 
@@ -19,6 +21,7 @@ from flythinker.inference import (
     load_checkpoint,
     validate_checkpoint,
 )
+from flythinker.safeio import fingerprint
 from flythinker.testing import tiny_lm, tiny_tokenizer
 from flythinker.utils import UserError
 
@@ -138,11 +141,7 @@ def test_decode_and_data_fingerprints():
     # training-only settings (the EOS after a cut target) render the same prompts: an earlier run's predictions
     # (recorded before the field existed) resume; the checkpoint fingerprint is what tells the models apart
     assert data_fingerprint(exs, DataConfig(retrieval="recency", eos_after_cut=False)) == fp
-    import dataclasses
-
-    from flythinker.safeio import fingerprint
     before = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eos_after_cut"}
-    import hashlib
     h = hashlib.sha256()
     for ex in exs:
         h.update(json.dumps(dataclasses.asdict(ex), sort_keys=True, ensure_ascii=False, default=str).encode())

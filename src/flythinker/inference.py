@@ -292,6 +292,10 @@ def checkpoint_fingerprint(ckpt: str | Path) -> str:
     return fingerprint(digests)
 
 
+TRAINING_ONLY_DATA_FIELDS: tuple[str, ...] = ("eos_after_cut",)
+"""DataConfig fields that shape only training targets, never a prompt: `data_fingerprint` leaves them out."""
+
+
 def data_fingerprint(examples: Sequence[Any], data_cfg: Any) -> str:
     """A digest of the examples (ids, users, inputs, references, profiles, task; by content, so the same data
     under another path agrees and an edited file does not) and of the prompt settings they are rendered with."""
@@ -312,9 +316,6 @@ def data_fingerprint(examples: Sequence[Any], data_cfg: Any) -> str:
     for name in TRAINING_ONLY_DATA_FIELDS:
         prompt.pop(name, None)
     return fingerprint({"examples": h.hexdigest(), "prompt": prompt})
-
-
-TRAINING_ONLY_DATA_FIELDS: tuple[str, ...] = ("eos_after_cut",)
 
 
 def decode_fingerprint(decode: DecodeConfig, dtype: Any = "auto") -> str:
